@@ -1,0 +1,228 @@
+"""The single source of every default of the method.
+
+Every hyper-parameter of ``../shared/DESIGN.md`` lives here exactly once. The CLI, the worker,
+the REST API (its JSON schema) and the admin UI (its form) are all generated from these models,
+and every checkpoint stores the ``model_dump()`` of the config that produced it.
+
+Environment variables with the prefix ``ULTRAREFINER_`` (nested with ``__``) override the
+defaults of :class:`TrainingConfig`, e.g. ``ULTRAREFINER_DATA__ROOT=/data/BUSI``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The data shipped beside the project (read-only); a user's own copy is set through ``data.root``.
+SHARED_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
+
+#: Bump whenever :mod:`training.data.transforms` changes what a model sees: it is part of every
+#: embedding-cache key and is stored in every checkpoint and bundle.
+PREPROCESSING_VERSION = "1"
+
+DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm"]
+ConfigName = Literal["compact", "full"]
+Backbone = Literal["litemedsam", "sam_vit_b"]
+Device = Literal["auto", "cpu", "cuda"]
+Phase = Literal["coarse", "augment", "refiner", "end-to-end"]
+ALL_PHASES: tuple[Phase, ...] = ("coarse", "augment", "refiner", "end-to-end")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt hyper-parameter must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TransUNetConfig(_Strict):
+    """TransUNet architecture: R50 (3 stages) + ViT hybrid encoder, cascaded upsampler with skips."""
+
+    name: ConfigName = Field("compact", description="Named size: 'full' (paper) or 'compact' (CPU).")
+    img_size: int = Field(224, ge=32, description="Square input side in pixels.")
+    in_channels: int = Field(1, description="Input channels (grayscale; replicated to 3 for the stem).")
+    num_classes: int = Field(2, description="Output classes (background, lesion).")
+    resnet_units: tuple[int, int, int] = Field((3, 4, 9), description="Bottleneck units per R50 stage.")
+    resnet_width: int = Field(64, ge=8, description="Stem width of the ResNet (64 in R50).")
+    patch_size: int = Field(1, description="ViT patch size on the 1/16 feature map (1 = 16×16 pixels).")
+    hidden_size: int = Field(768, ge=16, description="ViT embedding width.")
+    num_layers: int = Field(12, ge=1, description="ViT transformer blocks.")
+    num_heads: int = Field(12, ge=1, description="ViT attention heads.")
+    mlp_dim: int = Field(3072, ge=16, description="ViT MLP width.")
+    dropout: float = Field(0.1, ge=0, le=1, description="ViT dropout.")
+    decoder_channels: tuple[int, int, int, int] = Field((256, 128, 64, 16), description="Upsampler widths.")
+    n_skip: int = Field(3, ge=0, le=3, description="Skip connections used by the decoder.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransUNetConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        return self
+
+    @classmethod
+    def named(cls, name: ConfigName) -> TransUNetConfig:
+        if name == "full":
+            return cls(name="full")
+        # Same architecture, fewer/narrower layers: one BUSI epoch takes minutes on 2 CPU cores.
+        return cls(
+            name="compact",
+            resnet_units=(1, 2, 2),
+            resnet_width=16,
+            hidden_size=192,
+            num_layers=4,
+            num_heads=4,
+            mlp_dim=384,
+            decoder_channels=(128, 64, 32, 16),
+        )
+
+
+class RefinerConfig(_Strict):
+    """SAM-family refiner and the differentiable prompts derived from a coarse mask."""
+
+    backbone: Backbone = Field("litemedsam", description="Refiner backbone from the registry.")
+    checkpoint: Path | None = Field(
+        None, description="Weights file (sam_vit_b: the user's sam_vit_b_01ec64.pth; litemedsam: packaged)."
+    )
+    pretrained: bool = Field(True, description="Load pretrained weights (False: random init, for tests).")
+    use_point: bool = Field(True, description="Positive point prompt from the soft-argmax of the mask.")
+    use_box: bool = Field(True, description="Box prompt: centre ± box_sigma·σ of the mask distribution.")
+    use_negative_point: bool = Field(True, description="Negative point from the background soft-argmax.")
+    use_mask_prompt: bool = Field(True, description="Dense mask prompt from the coarse mask.")
+    mask_prompt_mode: Literal["direct", "gaussian"] = Field(
+        "direct", description="'direct': probabilities → logits in [-10,10]; 'gaussian': blurred mask."
+    )
+    mask_prompt_scale: float = Field(10.0, gt=0, description="Mask prompt logits are in [-scale, scale].")
+    box_sigma: float = Field(2.5, gt=0, description="Half box side in standard deviations.")
+    softargmax_temperature: float = Field(0.05, gt=0, description="Soft-argmax temperature on probabilities.")
+    roi_mode: bool = Field(False, description="Crop around the box, refine, paste back with grid_sample.")
+    roi_margin: float = Field(0.2, ge=0, description="ROI crop margin as a fraction of the box side.")
+    selection_tau: float = Field(0.1, gt=0, description="Soft multimask selection: softmax(IoU/τ).")
+    gated_residual: bool = Field(False, description="refined = coarse + gate·(refiner − coarse).")
+
+
+class DataConfig(_Strict):
+    dataset: DatasetName = Field("busi", description="Dataset layout to read.")
+    root: Path = Field(SHARED_DATA_ROOT / "BUSI", description="Dataset root (a user's own copy is fine).")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified held-out test fraction.")
+    folds: int = Field(5, ge=2, le=20, description="K folds of cross-validation on the training split.")
+    seed: int = Field(42, description="Seed of the split and of every random choice in training.")
+    split_file: Path | None = Field(None, description="Split JSON (default: <output_dir>/split.json).")
+    limit: int | None = Field(None, ge=4, description="Use only the first N images (smoke tests).")
+    dedup_threshold: int = Field(6, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
+
+
+class CoarseTrainConfig(_Strict):
+    """Phase 1: TransUNet with K-fold CV."""
+
+    epochs: int = Field(30, ge=1, description="Epochs per fold.")
+    batch_size: int = Field(8, ge=1, description="Batch size.")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate (poly decay).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
+    poly_power: float = Field(0.9, gt=0, description="Poly learning-rate decay power.")
+    ce_weight: float = Field(0.5, ge=0, description="Weight of cross-entropy in 0.5·CE + 0.5·Dice.")
+    dice_weight: float = Field(0.5, ge=0, description="Weight of Dice in 0.5·CE + 0.5·Dice.")
+    augment: bool = Field(True, description="Random flips/affine/intensity augmentation.")
+    pretrained_npz: Path | None = Field(None, description="Optional ImageNet-21k R50+ViT-B_16.npz.")
+    folds_to_run: list[int] | None = Field(None, description="Subset of folds to train (default all).")
+
+
+class AugmentConfig(_Strict):
+    """Phase 2a: offline mask augmentation."""
+
+    per_mask: int = Field(5, ge=1, le=50, description="Corrupted masks per ground-truth mask.")
+    temperature_min: float = Field(2.0, gt=0, description="Lowest SDF-sigmoid temperature (pixels).")
+    temperature_max: float = Field(8.0, gt=0, description="Highest SDF-sigmoid temperature (pixels).")
+    mask_size: int = Field(256, ge=32, description="Side of stored soft masks (refiner input space).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AugmentConfig:
+        if self.temperature_min > self.temperature_max:
+            raise ValueError("temperature_min must not exceed temperature_max")
+        return self
+
+
+class RefinerTrainConfig(_Strict):
+    """Phase 2b: refiner fine-tuning from the embedding cache."""
+
+    epochs: int = Field(10, ge=1, description="Epochs.")
+    batch_size: int = Field(8, ge=1, description="Batch size.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (cosine schedule).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    bce_weight: float = Field(1.0, ge=0, description="Weight of BCE in the quality-aware loss.")
+    dice_weight: float = Field(1.0, ge=0, description="Weight of Dice in the quality-aware loss.")
+    change_penalty_weight: float = Field(0.5, ge=0, description="λ of the change penalty.")
+    real_ratio: float = Field(0.3, ge=0, le=1, description="Fraction of samples using real phase-1 masks.")
+    amp: bool = Field(True, description="Mixed precision (CUDA only).")
+
+
+class EndToEndConfig(_Strict):
+    """Phase 3: coarse segmenter + refiner jointly."""
+
+    epochs: int = Field(5, ge=1, description="Epochs.")
+    batch_size: int = Field(4, ge=1, description="Batch size.")
+    lr_coarse: float = Field(1e-5, gt=0, description="AdamW learning rate of TransUNet.")
+    lr_refiner: float = Field(1e-5, gt=0, description="AdamW learning rate of the refiner.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    coarse_loss_weight: float = Field(0.5, ge=0, description="λc on 0.5·CE + 0.5·Dice of the coarse mask.")
+    refined_loss_weight: float = Field(1.0, ge=0, description="λr on BCE + Dice of the refined mask.")
+    coarse_grad_scale: float = Field(0.1, ge=0, description="Gradient scale into TransUNet.")
+    l2_to_phase1: float = Field(0.01, ge=0, description="L2 pull of TransUNet towards its phase-1 weights.")
+    freeze_coarse: bool = Field(False, description="Freeze TransUNet at the start.")
+    unfreeze_epoch: int | None = Field(None, ge=0, description="Epoch at which a frozen TransUNet unfreezes.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    dice_drop_warning: float = Field(0.02, ge=0, description="Warn if coarse Dice drops more than this.")
+    native_resolution_loss: bool = Field(False, description="Compute the loss at native image resolution.")
+    amp: bool = Field(True, description="Mixed precision (CUDA only).")
+
+
+class TrainingConfig(BaseSettings):
+    """Everything one training run needs. Stored verbatim in every checkpoint and bundle."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ULTRAREFINER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    config_name: ConfigName = Field("compact", description="Named configuration: compact (CPU) or full.")
+    phases: list[Phase] = Field(list(ALL_PHASES), description="Phases to run, in order.")
+    device: Device = Field("auto", description="auto = CUDA when present, else CPU.")
+    output_dir: Path = Field(REPO_ROOT / "runs" / "default", description="Checkpoints, split, reports.")
+    cache_dir: Path = Field(REPO_ROOT / ".cache" / "embeddings", description="Image-embedding cache.")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    transunet: TransUNetConfig = Field(default_factory=lambda: TransUNetConfig.named("compact"))
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    coarse: CoarseTrainConfig = Field(default_factory=CoarseTrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    refiner_train: RefinerTrainConfig = Field(default_factory=RefinerTrainConfig)
+    end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _architecture_follows_name(cls, values: dict) -> dict:
+        # `config_name` picks the TransUNet sizes unless the caller gave them explicitly.
+        if isinstance(values, dict) and "transunet" not in values and "config_name" in values:
+            values = dict(values)
+            values["transunet"] = TransUNetConfig.named(values["config_name"]).model_dump()
+        return values
+
+    @classmethod
+    def named(cls, name: ConfigName, **overrides) -> TrainingConfig:
+        return cls(config_name=name, **overrides)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+        return self.device
+
+    @property
+    def split_path(self) -> Path:
+        return self.data.split_file or self.output_dir / "split.json"
