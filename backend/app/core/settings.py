@@ -1,0 +1,44 @@
+"""Settings of the API, worker and UI processes (environment variables, `.env`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.config import REPO_ROOT
+
+VAR_DIR = REPO_ROOT / "var"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        f"sqlite:///{VAR_DIR / 'ultrarefiner.sqlite'}",
+        description="SQLAlchemy URL of the run store (SQLite by default, PostgreSQL in deployment).",
+    )
+    redis_url: str | None = Field(None, description="Celery broker; unset → embedded broker (no server).")
+    embedded_broker_dir: Path = Field(VAR_DIR / "broker", description="Folder of the embedded broker.")
+    admin_token: SecretStr = Field(SecretStr("change-me"), description="Bearer token of the admin routes.")
+    api_key: SecretStr | None = Field(None, description="If set, /segment requires header X-API-Key.")
+    model_path: Path | None = Field(None, description="Bundle to serve; unset → active model or default.")
+    models_dir: Path = Field(VAR_DIR / "models", description="Shared folder of exported model bundles.")
+    runs_dir: Path = Field(VAR_DIR / "runs", description="Shared folder of run checkpoints.")
+    cache_dir: Path = Field(VAR_DIR / "cache", description="Shared embedding cache of training.")
+    datasets_root: Path | None = Field(None, description="Root that dataset paths of runs must lie under.")
+    max_upload_mb: float = Field(32.0, gt=0, description="Largest accepted upload (MiB).")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard.")
+    max_concurrency: int = Field(2, ge=1, description="Segmentations computed at once.")
+    max_queue: int = Field(32, ge=0, description="Requests waiting for a slot before 503.")
+    embedding_cache_items: int = Field(64, ge=0, description="Server LRU of image embeddings.")
+    inference_engine: str = Field("torch", description="'torch' or 'onnx' (ONNX Runtime encoder).")
+    device: str = Field("cpu", description="Serving device: cpu, cuda or auto.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Backend URL the UI talks to.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
