@@ -111,7 +111,7 @@ class DataConfig(_Strict):
     seed: int = Field(42, description="Seed of the split and of every random choice in training.")
     split_file: Path | None = Field(None, description="Split JSON (default: <output_dir>/split.json).")
     limit: int | None = Field(None, ge=4, description="Use only the first N images (smoke tests).")
-    dedup_threshold: int = Field(6, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
+    dedup_threshold: int = Field(10, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
 
 
 class CoarseTrainConfig(_Strict):
