@@ -1,0 +1,888 @@
+"""The Gradio admin UI of UltraRefiner Studio.
+
+``build_app(api_url)`` returns the :class:`gr.Blocks`; ``python -m frontend.app --port 7860
+--api-url http://127.0.0.1:8000`` serves it. Every call to the backend goes through
+:class:`frontend.client.BackendClient`; every failure is shown as a readable message (a toast
+and the status line), never as a stack trace.
+
+Tabs (visible only after signing in with the admin token, which lives in the session's
+``gr.State`` and nowhere else):
+
+* **Train** — a form generated from ``GET /api/config/schema``; Launch posts only the settings
+  that differ from their defaults; the backend's validation errors are listed under the form.
+* **Runs** — the run table (refreshed every 2 s by a ``gr.Timer``); a selected run shows its
+  loss and Dice curves, a per-fold table of baseline vs refined Dice, the evaluations, its
+  logs or error, and a Cancel button.
+* **Compare** — upload an image (and optionally its ground-truth mask): the coarse and the
+  refined masks drawn over it side by side, areas, timings, Dice against the ground truth,
+  and (on request only) the two masks as PNG downloads.
+* **Models** — registered model versions with their metrics; Activate one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from frontend import overlay as ov
+from frontend import views
+from frontend.client import BackendClient, BackendError
+from frontend.schema_form import PROMOTED, FieldSpec, FormError, collect_config, form_fields, sections
+
+logger = logging.getLogger("ultrarefiner.ui")
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+REFRESH_SECONDS = 2.0
+
+CSS = """
+#status p { margin: 0.2em 0; }
+#train-errors { color: var(--error-text-color, #b91c1c); }
+.ur-small textarea { font-family: ui-monospace, monospace; font-size: 12px; }
+"""
+
+
+def theme() -> gr.themes.Base:
+    """The default theme with system fonts (the UI must work without internet)."""
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "SFMono-Regular", "monospace"],
+    )
+
+
+_EXPORT_ROOT: Path | None = None
+#: Exported mask PNGs older than this are removed at the next export (and all of them at exit).
+EXPORT_MAX_AGE_S = 3600.0
+
+
+def _export_folder() -> Path:
+    """A fresh folder for one export, under this process's temp folder (pruned, removed at exit)."""
+    global _EXPORT_ROOT
+    if _EXPORT_ROOT is None or not _EXPORT_ROOT.is_dir():
+        _EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="ultrarefiner-ui-"))
+        atexit.register(shutil.rmtree, _EXPORT_ROOT, True)
+    now = time.time()
+    for old in _EXPORT_ROOT.iterdir():
+        try:
+            if now - old.stat().st_mtime > EXPORT_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix="masks-", dir=_EXPORT_ROOT))
+
+
+def _md_list(lines: list[str]) -> str:
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def _warn(message: str) -> None:
+    try:
+        gr.Warning(message)
+    except Exception:  # outside an event (unit tests): nothing to show the toast to
+        pass
+
+
+def _signature(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _field_component(spec: FieldSpec, label: str):
+    """One Gradio input for one schema leaf; ``key`` keeps the user's value across re-renders."""
+    common = {
+        "label": label,
+        "info": spec.info() or None,
+        "key": f"cfg-{spec.key}",
+        "elem_id": "cfg-" + spec.key.replace(".", "-"),
+        "interactive": True,  # inside gr.render, Gradio cannot infer it from the events
+    }
+    value = spec.widget_value()
+    if spec.kind == "choice":
+        if len(spec.choices) <= 4 and value is not None:
+            return gr.Radio(choices=list(spec.choices), value=value, **common)
+        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
+    if spec.kind == "multi":
+        return gr.CheckboxGroup(choices=spec.choices, value=value, **common)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    if spec.kind == "int":
+        return gr.Number(value=value, precision=0, **common)
+    if spec.kind == "float":
+        return gr.Number(value=value, **common)
+    placeholder = {
+        "int_list": "comma-separated whole numbers, e.g. 0, 1",
+        "float_list": "comma-separated numbers",
+        "json": "JSON",
+    }.get(spec.kind, "empty = default" if spec.nullable else None)
+    return gr.Textbox(value=value, placeholder=placeholder, **common)
+
+
+def _promoted_label(spec: FieldSpec) -> str:
+    if spec.key == "epochs":
+        return "Epochs (every phase)"
+    if spec.path[-1] == "config_name":
+        return "Configuration"
+    if spec.path[-1] == "root":
+        return "Dataset root"
+    return spec.label
+
+
+def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.Blocks:
+    """The admin UI talking to the backend at ``api_url`` (default: ``$API_URL``)."""
+    api_url = (api_url or os.environ.get("API_URL") or DEFAULT_API_URL).rstrip("/")
+    api_key = api_key if api_key is not None else os.environ.get("API_KEY") or None
+    base_client = BackendClient(api_url, api_key=api_key)
+
+    def client_for(token: str | None) -> BackendClient:
+        if not token:
+            raise BackendError("Sign in first: enter the admin token")
+        return base_client.with_token(token)
+
+    # delete_cache: Gradio's own copies of uploads and outputs are removed after an hour.
+    with gr.Blocks(
+        title="UltraRefiner Studio · admin", analytics_enabled=False, delete_cache=(900, 3600)
+    ) as demo:
+        token_state = gr.State(None)
+        schema_state = gr.State(None)
+        runs_sig_state = gr.State(None)
+        detail_sig_state = gr.State(None)
+        segment_state = gr.State(None)
+
+        gr.Markdown(
+            f"# UltraRefiner Studio · admin\nBreast-ultrasound lesion segmentation: coarse TransUNet "
+            f"masks refined by a SAM-family model. Backend: `{api_url}`"
+        )
+        status = gr.Markdown("", elem_id="status")
+
+        def guarded(*, toast: bool = True) -> Callable:
+            """Turn any failure of a handler into ``{status: message}`` (+ a toast)."""
+
+            def decorate(fn: Callable) -> Callable:
+                @functools.wraps(fn)
+                def wrapper(*args, **kwargs):
+                    try:
+                        result = fn(*args, **kwargs)
+                        # Gradio reads an empty dict as one value: say "nothing changed" instead.
+                        return {status: gr.skip()} if isinstance(result, dict) and not result else result
+                    except BackendError as exc:
+                        if toast:
+                            _warn(exc.message)
+                        return {status: f"⚠ {exc.message}"}
+                    except Exception as exc:  # never a stack trace in the browser
+                        logger.exception("UI handler %s failed", fn.__name__)
+                        message = f"Unexpected error in the UI ({type(exc).__name__}); see the UI's log."
+                        if toast:
+                            _warn(message)
+                        return {status: f"⚠ {message}"}
+
+                return wrapper
+
+            return decorate
+
+        # ---------------------------------------------------------------- sign-in
+        with gr.Column(visible=True, elem_id="signin-panel") as signin_panel:
+            gr.Markdown("## Sign in\nEnter the admin token of the backend (`ADMIN_TOKEN`).")
+            with gr.Row():
+                token_box = gr.Textbox(
+                    label="Admin token", type="password", elem_id="token", scale=4, max_length=4096
+                )
+                signin_btn = gr.Button("Sign in", variant="primary", elem_id="signin-btn", scale=1)
+
+        with gr.Column(visible=False, elem_id="main-panel") as main_panel:
+            with gr.Row():
+                whoami = gr.Markdown("", elem_id="whoami")
+                signout_btn = gr.Button("Sign out", size="sm", scale=0, elem_id="signout-btn")
+            timer = gr.Timer(REFRESH_SECONDS, active=False)
+
+            with gr.Tabs(elem_id="tabs") as tabs:
+                # ------------------------------------------------------------ train
+                with gr.Tab("Train", id="train", elem_id="tab-train"):
+                    gr.Markdown(
+                        "Fill in the run. Every hyper-parameter shows its default and help; only the "
+                        "settings you change are sent, the backend fills in the rest."
+                    )
+
+                    @gr.render(inputs=[schema_state])
+                    def render_form(schema: dict | None):
+                        if not schema:
+                            gr.Markdown("*Sign in to load the training form.*")
+                            return
+                        fields = form_fields(schema)
+                        ordered: list[FieldSpec] = []
+                        components = []
+                        promoted = sorted(
+                            (f for f in fields if f.promoted),
+                            key=lambda f: (
+                                PROMOTED.index(f.path[-1]) if f.path[-1] in PROMOTED else len(PROMOTED),
+                                f.path,
+                            ),
+                        )
+                        with gr.Group():
+                            for start in range(0, len(promoted), 4):
+                                with gr.Row(equal_height=True):
+                                    for spec in promoted[start : start + 4]:
+                                        components.append(_field_component(spec, _promoted_label(spec)))
+                                        ordered.append(spec)
+                        for name, title, help_text, specs in sections(fields, schema):
+                            with gr.Accordion(title, open=False, elem_id=f"section-{name}"):
+                                if help_text and help_text.rstrip(".") not in title:
+                                    gr.Markdown(help_text)
+                                if any(spec.presets for spec in specs):
+                                    gr.Markdown(
+                                        "*These follow the chosen configuration (compact or full); "
+                                        "only values you change are sent.*"
+                                    )
+                                for start in range(0, len(specs), 3):
+                                    with gr.Row(equal_height=True):
+                                        for spec in specs[start : start + 3]:
+                                            components.append(_field_component(spec, spec.label))
+                                            ordered.append(spec)
+                        keys = [spec.key for spec in ordered]
+                        preset_fields = [
+                            (spec, comp)
+                            for spec, comp in zip(ordered, components, strict=True)
+                            if spec.presets
+                        ]
+                        if "config_name" in keys and preset_fields:
+
+                            def follow_preset(name):
+                                return [
+                                    gr.update(value=spec.widget_value(spec.default_for(name)))
+                                    for spec, _ in preset_fields
+                                ]
+
+                            components[keys.index("config_name")].input(
+                                follow_preset,
+                                inputs=[components[keys.index("config_name")]],
+                                outputs=[comp for _, comp in preset_fields],
+                                show_progress="hidden",
+                            )
+                        with gr.Row():
+                            preview_btn = gr.Button("Preview request", elem_id="preview-btn")
+                            launch_btn = gr.Button("Launch run", variant="primary", elem_id="launch-btn")
+                        preview = gr.Code(
+                            label="Request body (POST /api/runs)",
+                            language="json",
+                            visible=False,
+                            elem_id="preview-code",
+                        )
+
+                        def read_body(values: tuple) -> dict:
+                            return collect_config(ordered, list(values))
+
+                        @guarded()
+                        def do_preview(*values):
+                            try:
+                                body = read_body(values)
+                            except FormError as exc:
+                                return {train_errors: _md_list(exc.errors), preview: gr.update(visible=False)}
+                            return {
+                                train_errors: "",
+                                preview: gr.update(value=json.dumps(body, indent=2), visible=True),
+                            }
+
+                        @guarded()
+                        def do_launch(token, *values):
+                            try:
+                                body = read_body(values)
+                            except FormError as exc:
+                                _warn("Some values cannot be read; see the list under the form")
+                                return {train_errors: _md_list(exc.errors), status: "⚠ Fix the form"}
+                            client = client_for(token)
+                            try:
+                                run = client.create_run(body)
+                            except BackendError as exc:
+                                if exc.status_code == 422:
+                                    _warn(
+                                        "The backend rejected the configuration; see the list under the form"
+                                    )
+                                    lines = exc.errors or [exc.message]
+                                    return {
+                                        train_errors: "**The backend rejected the configuration:**\n\n"
+                                        + _md_list(lines),
+                                        status: f"⚠ {exc.message}",
+                                    }
+                                raise
+                            run_id = str(run.get("id")) if isinstance(run, dict) else ""
+                            runs = client.list_runs()
+                            gr.Info(f"Run #{run_id} launched")
+                            return {
+                                train_errors: "",
+                                status: f"✓ Run #{run_id} launched.",
+                                runs_table: views.run_rows(runs),
+                                runs_sig_state: None,
+                                run_select: gr.update(choices=views.run_choices(runs), value=run_id),
+                                tabs: gr.Tabs(selected="runs"),
+                            }
+
+                        preview_btn.click(
+                            do_preview, inputs=components, outputs=[train_errors, preview, status]
+                        )
+                        launch_btn.click(
+                            do_launch,
+                            inputs=[token_state, *components],
+                            outputs=[train_errors, status, runs_table, runs_sig_state, run_select, tabs],
+                        )
+
+                    train_errors = gr.Markdown("", elem_id="train-errors")
+
+                # ------------------------------------------------------------ runs
+                with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                    with gr.Row():
+                        gr.Markdown("Runs refresh every 2 s. Click a row (or pick a run) for its details.")
+                        refresh_runs_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-runs")
+                    runs_table = gr.Dataframe(
+                        headers=views.RUN_COLUMNS,
+                        value=[],
+                        interactive=False,
+                        elem_id="runs-table",
+                        label="Runs",
+                        max_height=320,
+                    )
+                    with gr.Row():
+                        run_select = gr.Dropdown(
+                            label="Selected run", choices=[], value=None, elem_id="run-select", scale=4
+                        )
+                        cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", scale=1)
+                    run_summary = gr.Markdown("*No run selected.*", elem_id="run-summary")
+                    with gr.Row():
+                        loss_plot = gr.Plot(label="Loss per epoch", elem_id="loss-plot")
+                        dice_plot = gr.Plot(label="Validation Dice per epoch", elem_id="dice-plot")
+                    folds_table = gr.Dataframe(
+                        headers=views.FOLD_COLUMNS,
+                        value=[],
+                        interactive=False,
+                        label="Per fold: baseline (coarse) vs refined Dice on the fold's validation images",
+                        elem_id="folds-table",
+                    )
+                    eval_table = gr.Dataframe(
+                        headers=views.EVAL_COLUMNS,
+                        value=[],
+                        interactive=False,
+                        label="Evaluations",
+                        elem_id="eval-table",
+                    )
+                    run_logs = gr.Textbox(
+                        label="Logs / error",
+                        lines=8,
+                        max_lines=20,
+                        interactive=False,
+                        elem_id="run-logs",
+                        elem_classes=["ur-small"],
+                    )
+
+                # ------------------------------------------------------------ compare
+                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                    gr.Markdown(
+                        "Upload an ultrasound image (optionally its ground-truth mask) and segment it with "
+                        "the active model. Orange: coarse mask; green: refined mask; yellow outline: "
+                        "ground truth."
+                    )
+                    with gr.Row():
+                        image_in = gr.Image(
+                            label="Ultrasound image",
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload"],
+                            elem_id="compare-image",
+                            height=280,
+                        )
+                        truth_in = gr.Image(
+                            label="Ground-truth mask (optional)",
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload"],
+                            elem_id="compare-truth",
+                            height=280,
+                        )
+                    segment_btn = gr.Button("Segment", variant="primary", elem_id="segment-btn")
+                    with gr.Row():
+                        coarse_out = gr.Image(
+                            label="Coarse mask (TransUNet)",
+                            format="png",
+                            interactive=False,
+                            elem_id="coarse-overlay",
+                            height=420,
+                        )
+                        refined_out = gr.Image(
+                            label="Refined mask",
+                            format="png",
+                            interactive=False,
+                            elem_id="refined-overlay",
+                            height=420,
+                        )
+                    compare_md = gr.Markdown("", elem_id="compare-result")
+                    with gr.Row():
+                        export_btn = gr.Button(
+                            "Prepare mask PNGs for download", interactive=False, elem_id="export-btn"
+                        )
+                        coarse_dl = gr.DownloadButton(
+                            "Download coarse mask", visible=False, elem_id="download-coarse"
+                        )
+                        refined_dl = gr.DownloadButton(
+                            "Download refined mask", visible=False, elem_id="download-refined"
+                        )
+
+                # ------------------------------------------------------------ models
+                with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
+                    with gr.Row():
+                        gr.Markdown("Registered model versions. The active one serves `/segment`.")
+                        refresh_models_btn = gr.Button(
+                            "Refresh", size="sm", scale=0, elem_id="refresh-models"
+                        )
+                    models_table = gr.Dataframe(
+                        headers=views.MODEL_COLUMNS,
+                        value=[],
+                        interactive=False,
+                        label="Model versions",
+                        elem_id="models-table",
+                    )
+                    with gr.Row():
+                        model_select = gr.Dropdown(
+                            label="Model version", choices=[], value=None, elem_id="model-select", scale=4
+                        )
+                        activate_btn = gr.Button(
+                            "Activate", variant="primary", elem_id="activate-btn", scale=1
+                        )
+
+        # ==================================================================== handlers
+        detail_outputs = [
+            run_summary,
+            loss_plot,
+            dice_plot,
+            folds_table,
+            eval_table,
+            run_logs,
+            detail_sig_state,
+        ]
+
+        def detail_values(client: BackendClient, run_id: str, last_sig: str | None, force: bool) -> dict:
+            run = client.get_run(run_id)
+            run_sig = _signature(run)
+            if not force and run_sig == last_sig:
+                return {}
+            metrics = client.run_metrics(run_id)
+            losses, dices = views.epoch_frames(metrics)
+            return {
+                run_summary: views.run_summary_md(run),
+                loss_plot: views.curves_figure(losses, "Loss per epoch", "loss"),
+                dice_plot: views.curves_figure(dices, "Validation Dice per epoch", "Dice"),
+                folds_table: views.fold_rows(metrics, run),
+                eval_table: views.eval_rows(metrics),
+                run_logs: views.logs_text(run, metrics),
+                detail_sig_state: run_sig,
+            }
+
+        def empty_detail() -> dict:
+            return {
+                run_summary: "*No run selected.*",
+                loss_plot: None,
+                dice_plot: None,
+                folds_table: [],
+                eval_table: [],
+                run_logs: "",
+                detail_sig_state: None,
+            }
+
+        @guarded()
+        def sign_in(token_text: str):
+            token = (token_text or "").strip()
+            if not token:
+                raise BackendError("Enter the admin token")
+            client = base_client.with_token(token)
+            client.sign_in()
+            schema = client.config_schema()
+            return {
+                token_state: token,
+                schema_state: schema,
+                token_box: "",
+                signin_panel: gr.Column(visible=False),
+                main_panel: gr.Column(visible=True),
+                whoami: f"Signed in as admin on `{api_url}`.",
+                timer: gr.Timer(active=True),
+                status: "✓ Signed in.",
+                runs_sig_state: None,
+            }
+
+        signin_outputs = [
+            token_state,
+            schema_state,
+            token_box,
+            signin_panel,
+            main_panel,
+            whoami,
+            timer,
+            status,
+            runs_sig_state,
+        ]
+        signin_btn.click(sign_in, inputs=[token_box], outputs=signin_outputs)
+        token_box.submit(sign_in, inputs=[token_box], outputs=signin_outputs)
+
+        def sign_out():
+            return {
+                token_state: None,
+                schema_state: None,
+                signin_panel: gr.Column(visible=True),
+                main_panel: gr.Column(visible=False),
+                timer: gr.Timer(active=False),
+                status: "Signed out.",
+                runs_table: [],
+                run_select: gr.update(choices=[], value=None),
+                runs_sig_state: None,
+                models_table: [],
+                model_select: gr.update(choices=[], value=None),
+                segment_state: None,
+                image_in: None,
+                truth_in: None,
+                coarse_out: None,
+                refined_out: None,
+                compare_md: "",
+                coarse_dl: gr.DownloadButton(value=None, visible=False),
+                refined_dl: gr.DownloadButton(value=None, visible=False),
+                **empty_detail(),
+            }
+
+        signout_btn.click(
+            sign_out,
+            outputs=[
+                token_state,
+                schema_state,
+                signin_panel,
+                main_panel,
+                timer,
+                status,
+                runs_table,
+                run_select,
+                runs_sig_state,
+                models_table,
+                model_select,
+                segment_state,
+                image_in,
+                truth_in,
+                coarse_out,
+                refined_out,
+                compare_md,
+                coarse_dl,
+                refined_dl,
+                *detail_outputs,
+            ],
+        )
+
+        # -- runs --------------------------------------------------------------------------
+        def refresh_runs(token, selected, runs_sig, detail_sig, force: bool) -> dict:
+            client = client_for(token)
+            runs = client.list_runs()
+            out: dict = {}
+            sig = _signature(runs)
+            if force or sig != runs_sig:
+                choices = views.run_choices(runs)
+                ids = [value for _, value in choices]
+                if selected not in ids:
+                    selected = ids[0] if ids else None
+                out.update(
+                    {
+                        runs_table: views.run_rows(runs),
+                        run_select: gr.update(choices=choices, value=selected),
+                        runs_sig_state: sig,
+                    }
+                )
+            if selected:
+                out.update(detail_values(client, str(selected), detail_sig, force))
+            if force:
+                out[status] = ""
+            return out
+
+        runs_outputs = [runs_table, run_select, runs_sig_state, status, *detail_outputs]
+
+        @guarded(toast=False)
+        def on_tick(token, selected, runs_sig, detail_sig):
+            if not token:
+                return {}
+            return refresh_runs(token, selected, runs_sig, detail_sig, force=False)
+
+        timer.tick(
+            on_tick,
+            inputs=[token_state, run_select, runs_sig_state, detail_sig_state],
+            outputs=runs_outputs,
+            show_progress="hidden",
+            queue=True,
+            trigger_mode="always_last",
+        )
+
+        @guarded()
+        def on_refresh(token, selected, runs_sig, detail_sig):
+            return refresh_runs(token, selected, runs_sig, detail_sig, force=True)
+
+        refresh_runs_btn.click(
+            on_refresh,
+            inputs=[token_state, run_select, runs_sig_state, detail_sig_state],
+            outputs=runs_outputs,
+        )
+
+        def on_row_select(evt: gr.SelectData):
+            row = evt.row_value if isinstance(evt.row_value, list) else None
+            if not row or row[0] in (None, ""):
+                return gr.skip()
+            return gr.update(value=str(row[0]))
+
+        runs_table.select(on_row_select, inputs=None, outputs=[run_select], show_progress="hidden")
+
+        @guarded()
+        def on_select_run(token, run_id):
+            if not run_id:
+                return empty_detail()
+            return detail_values(client_for(token), str(run_id), None, force=True)
+
+        run_select.change(on_select_run, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
+
+        @guarded()
+        def on_cancel(token, run_id):
+            if not run_id:
+                raise BackendError("Select a run to cancel")
+            client = client_for(token)
+            client.cancel_run(str(run_id))
+            gr.Info(f"Cancellation of run #{run_id} requested")
+            out = detail_values(client, str(run_id), None, force=True)
+            out[status] = f"■ Cancellation of run #{run_id} requested."
+            return out
+
+        cancel_btn.click(on_cancel, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
+
+        # -- compare -----------------------------------------------------------------------
+        @guarded()
+        def on_segment(token, image_path, truth_path):
+            client_for(token)  # signed-in sessions only
+            if not image_path:
+                raise BackendError("Upload an image first")
+            # Gradio's own upload cache holds the file; we only read it, we never copy it.
+            image_bytes = Path(image_path).read_bytes()
+            filename = Path(image_path).name
+            try:
+                image = ov.load_image(image_bytes)
+            except OSError as exc:
+                raise BackendError("The uploaded file is not an image this UI can show") from exc
+            result = base_client.segment(image_bytes, filename)
+            shape = image.shape[:2]
+            masks = {}
+            for name, mask in (("coarse", result.coarse.mask), ("refined", result.refined.mask)):
+                if mask.shape != shape:
+                    mask = (
+                        np.asarray(
+                            Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                                (shape[1], shape[0]), Image.Resampling.NEAREST
+                            )
+                        )
+                        > 0
+                    )
+                masks[name] = mask
+            truth = None
+            notes = []
+            if truth_path:
+                try:
+                    truth = ov.load_mask(Path(truth_path).read_bytes(), shape)
+                except OSError as exc:
+                    raise BackendError("The ground-truth mask is not an image this UI can read") from exc
+            coarse_view = ov.overlay(image, masks["coarse"], ov.COARSE_COLOR, truth=truth)
+            refined_view = ov.overlay(image, masks["refined"], ov.REFINED_COLOR, truth=truth)
+            md = compare_markdown(result, truth, masks)
+            if notes:
+                md += "\n\n" + "\n".join(notes)
+            return {
+                coarse_out: coarse_view,
+                refined_out: refined_view,
+                compare_md: md,
+                segment_state: {
+                    "stem": ov.safe_stem(filename),
+                    "coarse": result.coarse.png,
+                    "refined": result.refined.png,
+                },
+                export_btn: gr.Button(interactive=True),
+                coarse_dl: gr.DownloadButton(value=None, visible=False),
+                refined_dl: gr.DownloadButton(value=None, visible=False),
+                status: f"✓ Segmented with model `{result.model_version}`.",
+            }
+
+        segment_btn.click(
+            on_segment,
+            inputs=[token_state, image_in, truth_in],
+            outputs=[
+                coarse_out,
+                refined_out,
+                compare_md,
+                segment_state,
+                export_btn,
+                coarse_dl,
+                refined_dl,
+                status,
+            ],
+        )
+
+        def on_new_image():
+            return {
+                coarse_out: None,
+                refined_out: None,
+                compare_md: "",
+                segment_state: None,
+                export_btn: gr.Button(interactive=False),
+                coarse_dl: gr.DownloadButton(value=None, visible=False),
+                refined_dl: gr.DownloadButton(value=None, visible=False),
+            }
+
+        image_in.change(
+            on_new_image,
+            outputs=[coarse_out, refined_out, compare_md, segment_state, export_btn, coarse_dl, refined_dl],
+            show_progress="hidden",
+        )
+
+        @guarded()
+        def on_export(state):
+            if not state:
+                raise BackendError("Segment an image first")
+            folder = _export_folder()
+            coarse_path = ov.write_mask_png(state["coarse"], folder, f"{state['stem']}_coarse_mask.png")
+            refined_path = ov.write_mask_png(state["refined"], folder, f"{state['stem']}_refined_mask.png")
+            return {
+                coarse_dl: gr.DownloadButton(value=str(coarse_path), visible=True),
+                refined_dl: gr.DownloadButton(value=str(refined_path), visible=True),
+                status: "Mask PNGs ready: use the download buttons.",
+            }
+
+        export_btn.click(on_export, inputs=[segment_state], outputs=[coarse_dl, refined_dl, status])
+
+        # -- models ------------------------------------------------------------------------
+        def models_values(client: BackendClient, selected: str | None = None) -> dict:
+            models = client.list_models()
+            choices = views.model_choices(models)
+            ids = [value for _, value in choices]
+            if selected not in ids:
+                active = [str(m.get("id")) for m in models if m.get("active")]
+                selected = active[0] if active else (ids[0] if ids else None)
+            return {
+                models_table: views.model_rows(models),
+                model_select: gr.update(choices=choices, value=selected),
+            }
+
+        @guarded()
+        def on_refresh_models(token, selected):
+            return models_values(client_for(token), selected)
+
+        models_outputs = [models_table, model_select, status]
+        refresh_models_btn.click(
+            on_refresh_models, inputs=[token_state, model_select], outputs=models_outputs
+        )
+        models_tab.select(on_refresh_models, inputs=[token_state, model_select], outputs=models_outputs)
+
+        @guarded()
+        def on_activate(token, model_id):
+            if not model_id:
+                raise BackendError("Pick a model version to activate")
+            client = client_for(token)
+            client.activate_model(str(model_id))
+            gr.Info(f"Model #{model_id} activated")
+            out = models_values(client, str(model_id))
+            out[status] = f"✓ Model #{model_id} is now active."
+            return out
+
+        activate_btn.click(on_activate, inputs=[token_state, model_select], outputs=models_outputs)
+
+    return demo
+
+
+def compare_markdown(result, truth: np.ndarray | None, masks: dict[str, np.ndarray]) -> str:
+    """Areas, Dice against the ground truth and timings of one segmentation, as Markdown."""
+
+    def area_mm2(value):
+        return f"{value:.1f}" if isinstance(value, int | float) else "n/a (no pixel spacing)"
+
+    rows = [
+        "| | Coarse | Refined |",
+        "|---|---|---|",
+        f"| Area (px) | {result.coarse.area_px} | {result.refined.area_px} |",
+        f"| Area (mm²) | {area_mm2(result.coarse.area_mm2)} | {area_mm2(result.refined.area_mm2)} |",
+        f"| Box (x0, y0, x1, y1) | {result.coarse.bbox or '—'} | {result.refined.bbox or '—'} |",
+    ]
+    if truth is not None:
+        dice_coarse = ov.dice(masks["coarse"], truth)
+        dice_refined = ov.dice(masks["refined"], truth)
+        rows.append(f"| **Dice vs ground truth** | **{dice_coarse:.4f}** | **{dice_refined:.4f}** |")
+        verdict = f"Δ Dice (refined − coarse): **{dice_refined - dice_coarse:+.4f}**"
+    else:
+        verdict = "Upload the ground-truth mask to see the Dice of both masks."
+    lines = ["\n".join(rows), verdict]
+    facts = [f"model `{result.model_version}`", f"image {result.width}×{result.height}"]
+    if isinstance(result.iou_pred, int | float):
+        facts.append(f"predicted IoU {result.iou_pred:.3f}")
+    lines.append(" · ".join(facts))
+    if result.timings_ms:
+        timing = " · ".join(
+            f"{name} {float(ms):.0f} ms"
+            for name, ms in result.timings_ms.items()
+            if isinstance(ms, int | float)
+        )
+        lines.append(f"Timings: {timing}")
+    return "\n\n".join(lines)
+
+
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+):
+    """Serve ``demo`` (queue on, no share link, no SSR, system fonts)."""
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=False,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        ssr_mode=False,
+        theme=theme(),
+        css=CSS,
+        footer_links=[],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m frontend.app", description="UltraRefiner Studio admin UI"
+    )
+    parser.add_argument("--host", default=os.environ.get("UI_HOST", DEFAULT_HOST), help="bind address")
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("UI_PORT", DEFAULT_PORT)), help="port (env UI_PORT)"
+    )
+    parser.add_argument(
+        "--api-url",
+        default=os.environ.get("API_URL", DEFAULT_API_URL),
+        help="backend URL (env API_URL)",
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request line at INFO; URLs never carry the token, but keep the log quiet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logger.info("admin UI on http://%s:%d, backend %s", args.host, args.port, args.api_url)
+    launch(build_app(args.api_url), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
