@@ -2,6 +2,53 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from training.cli import app
 
 __all__ = ["app"]
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="Bundle to serve (default: settings.model_path, else the active model, else the default).",
+        ),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Image encoder engine: torch, onnx or onnx-int8 (default: settings)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the segmentation API (FastAPI + uvicorn; no Redis or broker needed)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from backend.app.core.settings import Settings
+    from backend.app.main import create_app
+
+    overrides: dict = {}
+    if model is not None:
+        overrides["model_path"] = model
+    if engine is not None:
+        overrides["inference_engine"] = engine
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        typer.echo(f"error: {where}: {first.get('msg')}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,9 +35,24 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(2, ge=1, description="Segmentations computed at once.")
     max_queue: int = Field(32, ge=0, description="Requests waiting for a slot before 503.")
     embedding_cache_items: int = Field(64, ge=0, description="Server LRU of image embeddings.")
-    inference_engine: str = Field("torch", description="'torch' or 'onnx' (ONNX Runtime encoder).")
+    max_batch_files: int = Field(16, ge=1, description="Most files in one /segment/batch request.")
+    max_batch_upload_mb: float = Field(128.0, gt=0, description="Largest accepted /segment/batch body (MiB).")
+    max_points: int = Field(64, ge=1, description="Most clinician points in one /segment request.")
+    inference_engine: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description="Image encoder engine: 'torch' (eager), 'onnx' (ONNX Runtime fp32) or "
+        "'onnx-int8' (ONNX Runtime, int8 dynamic quantisation of MatMul only).",
+    )
+    onnx_cache_dir: Path = Field(
+        VAR_DIR / "cache" / "onnx", description="Where the exported (and quantised) ONNX encoders are kept."
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After (seconds) of a 503 when the queue is full.")
     device: str = Field("cpu", description="Serving device: cpu, cuda or auto.")
     api_url: str = Field("http://127.0.0.1:8000", description="Backend URL the UI talks to.")
+    run_lost_after_s: float = Field(
+        60.0, gt=0, description="A running run without heartbeat this long is lost."
+    )
+    worker_queue: str = Field("gpu", description="Celery queue of the training worker.")
 
 
 @lru_cache

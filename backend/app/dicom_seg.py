@@ -1,0 +1,147 @@
+"""DICOM Segmentation (SEG) output for DICOM input, built with highdicom.
+
+A BINARY Segmentation instance that references the source image (its SOPInstanceUID, and the
+frame for multi-frame images), in a new series of the source study, with one segment per mask:
+``coarse`` (TransUNet) and ``refined`` (refiner), or only ``refined``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from typing import Literal
+
+import numpy as np
+
+from backend.app.imaging import DecodedImage, ImageError
+
+log = logging.getLogger(__name__)
+
+SegmentChoice = Literal["both", "refined"]
+MANUFACTURER = "UltraRefiner Studio"
+
+
+def build_dicom_seg(
+    decoded: DecodedImage,
+    coarse_mask: np.ndarray,
+    refined_mask: np.ndarray,
+    *,
+    model_version: str,
+    segments: SegmentChoice = "both",
+) -> bytes:
+    """DICOM SEG Part 10 bytes for the masks (``H×W`` bool) of ``decoded`` (a DICOM frame)."""
+    if decoded.kind != "dicom" or decoded.dataset is None:
+        raise ImageError("format=dicom-seg needs a DICOM upload (the input is not DICOM)", 415)
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    source = decoded.dataset
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not source.get(keyword):
+            raise ImageError(f"the source DICOM lacks {keyword}; a Segmentation cannot reference it", 422)
+
+    masks = (
+        [("refined", refined_mask)]
+        if segments == "refined"
+        else [("coarse", coarse_mask), ("refined", refined_mask)]
+    )
+    descriptions = []
+    for number, (label, _) in enumerate(masks, start=1):
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=f"UltraRefiner {label}",
+            version=model_version[:64],
+            family=codes.cid7162.ArtificialIntelligence,
+        )
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=f"{label} lesion",
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Lesion,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
+
+    stacked = np.stack([mask.astype(bool) for _, mask in masks], axis=-1)  # H×W×S
+    n_frames = max(1, decoded.n_frames)
+    frame_reference: int | None = None
+    if n_frames > 1 and "FrameOfReferenceUID" in source:
+        # One mask frame per source frame: only the segmented one is non-empty (empty frames omitted).
+        pixel_array = np.zeros((n_frames, *stacked.shape), dtype=bool)
+        pixel_array[decoded.frame] = stacked
+    elif n_frames > 1:
+        # Cine ultrasound has no frame of reference: highdicom then aligns one frame only. Build
+        # from a single-frame view of the header and point the references at the source frame.
+        source = _single_frame_view(source)
+        pixel_array = stacked[None]
+        frame_reference = decoded.frame + 1
+    else:
+        pixel_array = stacked[None]
+    omit_empty = bool(pixel_array.any())
+
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[source],
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=int(source.get("SeriesNumber", 0) or 0) + 1000,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name="UltraRefiner",
+            software_versions=model_version[:64],
+            device_serial_number="0",
+            series_description="UltraRefiner lesion segmentation",
+            omit_empty_frames=omit_empty,
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as error:
+        log.warning("DICOM SEG could not be built (%s)", type(error).__name__)
+        raise ImageError(
+            f"a DICOM Segmentation could not be built for this source image ({type(error).__name__})", 422
+        ) from None
+    if frame_reference is not None:
+        _reference_source_frame(seg, frame_reference, original_class=str(decoded.dataset.SOPClassUID))
+    _pixel_measures_readable(seg)
+    buffer = io.BytesIO()
+    seg.save_as(buffer)
+    return buffer.getvalue()
+
+
+_US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _single_frame_view(source):
+    """A copy of a legacy multi-frame header (no frame of reference) that looks single-frame."""
+    view = copy.deepcopy(source)
+    for keyword in ("NumberOfFrames", "FrameIncrementPointer", "FrameTime", "FrameTimeVector"):
+        if keyword in view:
+            del view[keyword]
+    view.SOPClassUID = _US_IMAGE_STORAGE if str(source.get("Modality", "")) == "US" else _SECONDARY_CAPTURE
+    return view
+
+
+def _reference_source_frame(seg, frame_number: int, original_class: str) -> None:
+    """Point every reference at the source instance's real SOP class and frame (1-based)."""
+    items = []
+    for series in seg.get("ReferencedSeriesSequence", []):
+        items.extend(series.get("ReferencedInstanceSequence", []))
+    for group in seg.get("PerFrameFunctionalGroupsSequence", []):
+        for derivation in group.get("DerivationImageSequence", []):
+            items.extend(derivation.get("SourceImageSequence", []))
+    for item in items:
+        item.ReferencedSOPClassUID = original_class
+        item.ReferencedFrameNumber = frame_number
+
+
+def _pixel_measures_readable(seg) -> None:
+    """2-D ultrasound has PixelSpacing but no SliceThickness; highdicom's reader wants the element
+    present, so add it empty (it is only required, with a value, for volumetric images)."""
+    for group in seg.get("SharedFunctionalGroupsSequence", []):
+        for measures in group.get("PixelMeasuresSequence", []):
+            if "PixelSpacing" in measures and "SliceThickness" not in measures:
+                measures.SliceThickness = None

@@ -1,0 +1,185 @@
+"""The FastAPI application: ``create_app(settings) -> FastAPI``.
+
+The lifespan initialises the run store (``init_db``) and loads the served model once:
+``settings.model_path`` if set, else the store's active model, else the shipped default
+(``Predictor.from_bundle(None)``, an untrained bundle when none is shipped). No Redis or broker
+is needed to serve. ``uvicorn backend.app.main:app`` or ``ultrarefiner serve`` runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from backend.app.api.deps import AuthGateMiddleware, route_table
+from backend.app.api.routes import health, segment
+from backend.app.api.routes.health import REQUEST_LATENCY, REQUESTS
+from backend.app.core.settings import Settings, get_settings
+from backend.app.model_holder import ModelHolder
+
+log = logging.getLogger("backend.app")
+
+API_DESCRIPTION = """
+UltraRefiner Studio: breast-ultrasound lesion segmentation. A TransUNet proposes a **coarse**
+mask; a SAM-family refiner, prompted from that mask (or by a clinician's points/box), returns a
+**refined** mask.
+
+* `POST /segment` — one image (PNG, JPEG, BMP, TIFF or DICOM) → both masks as JSON, an overlay
+  PNG (`format=png`) or a DICOM Segmentation (`format=dicom-seg`, DICOM input).
+* `POST /segment/batch` — several images, one result or error each.
+* `GET /health`, `GET /ready`, `GET /metrics` (Prometheus).
+
+Errors are JSON `{"detail": "..."}`. Uploads are held in memory only: never logged or stored.
+"""
+
+
+def _optional_router(module: str):
+    """``router`` of an optional route module (written by another package owner), or None."""
+    import importlib
+
+    try:
+        return importlib.import_module(module).router
+    except ModuleNotFoundError as error:
+        if error.name and module.startswith(error.name):
+            return None
+        raise
+
+
+def _init_store(settings: Settings) -> tuple[bool, Path | None]:
+    """``init_db`` and the active model's bundle path; the API still serves without a store."""
+    try:
+        from backend.app.db.session import init_db
+    except ModuleNotFoundError:
+        return False, None
+    try:
+        factory = init_db(settings)
+    except Exception as error:
+        log.error("the run store could not be initialised (%s); serving without it", type(error).__name__)
+        return False, None
+    try:
+        from backend.app.db.crud import get_active_model_path
+
+        with factory() as session:
+            return True, get_active_model_path(session)
+    except Exception as error:
+        log.error("the active model could not be looked up (%s)", type(error).__name__)
+        return True, None
+
+
+def _lifespan(settings: Settings):
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from backend.app.imaging import silence_decoder_logs
+
+        silence_decoder_logs()
+        store_ready, active_path = await anyio.to_thread.run_sync(_init_store, settings)
+        app.state.store_ready = store_ready
+        holder: ModelHolder = app.state.model_holder
+        if not holder.loaded:  # a test may have installed a predictor already
+            await anyio.to_thread.run_sync(holder.load_initial, active_path)
+        yield
+
+    return lifespan
+
+
+class MetricsMiddleware:
+    """Prometheus request count and latency per route template (pure ASGI)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        application = scope.get("app")
+        template = None
+        if application is not None:
+            template, _ = route_table(application).lookup(scope.get("method", ""), scope.get("path", ""))
+        label = template or "<other>"
+        status = {"code": 500}
+        started = time.perf_counter()
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            method = scope.get("method", "")
+            REQUESTS.labels(route=label, method=method, status=str(status["code"])).inc()
+            REQUEST_LATENCY.labels(route=label, method=method).observe(time.perf_counter() - started)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    """Segment routes answer ``{"detail": "<field>: <problem>"}``; others keep FastAPI's format."""
+    if not request.url.path.startswith("/segment"):
+        return await request_validation_exception_handler(request, exc)
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body"))
+        problems.append(f"{where}: {error.get('msg', 'invalid value')}")
+    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+
+async def _unexpected_error(request: Request, exc: Exception):
+    # Only the exception type is logged: messages of decoders may carry patient data.
+    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+    return JSONResponse(
+        jsonable_encoder({"detail": f"internal error ({type(exc).__name__})"}), status_code=500
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="UltraRefiner Studio API",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=_lifespan(settings),
+    )
+    app.state.settings = settings
+    app.state.store_ready = False
+    app.state.model_holder = ModelHolder(settings)
+    app.state.admission = segment.Admission(
+        settings.max_concurrency, settings.max_queue, settings.retry_after_s
+    )
+
+    app.include_router(health.router)
+    app.include_router(segment.router)
+    for module in ("backend.app.api.routes.runs", "backend.app.api.routes.models"):
+        router = _optional_router(module)
+        if router is not None:
+            app.include_router(router)
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    # Outermost first: metrics see every answer, including the gate's 401s.
+    app.add_middleware(AuthGateMiddleware)
+    app.add_middleware(MetricsMiddleware)
+    return app
+
+
+_default_app: FastAPI | None = None
+
+
+def __getattr__(name: str):
+    # `uvicorn backend.app.main:app` builds the app lazily (once) from the environment's settings.
+    global _default_app
+    if name == "app":
+        if _default_app is None:
+            _default_app = create_app()
+        return _default_app
+    raise AttributeError(name)

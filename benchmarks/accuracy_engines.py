@@ -1,0 +1,107 @@
+"""Dice of the refined mask with the torch vs ONNX vs ONNX-int8 image encoder; prints JSON.
+
+The same predictor is run three times over N BUSI lesion images (benign + malignant), once per
+encoder engine (:mod:`backend.app.accelerate`); everything but the image encoder is identical.
+Two prompt modes:
+
+* ``box`` (default): the ground-truth box as the clinician's prompt (the refiner alone, as in the
+  zero-shot LiteMedSAM measurement) — isolates the encoder's effect on accuracy;
+* ``coarse``: the prompts derived from the served model's coarse mask (the full pipeline).
+
+Reported per engine: mean Dice vs the ground truth, its delta to torch, the mean Dice agreement
+with the torch masks, and the median encoder time.
+
+    python benchmarks/accuracy_engines.py --n 30 [--model var/models/x.pt] [--prompt box]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from backend.app.accelerate import ENGINES, accelerate_predictor
+from training.config import SHARED_DATA_ROOT
+from training.data.datasets import list_samples, load_image, load_mask
+from training.inference import Predictor
+from training.modeling.losses import dice_score
+
+
+def box_of(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def lesion_samples(root: Path, n: int) -> list:
+    samples = [s for s in list_samples("busi", root) if s.label != "normal" and s.mask_paths]
+    # Alternate benign and malignant so a small N still covers both.
+    benign = [s for s in samples if s.label == "benign"]
+    malignant = [s for s in samples if s.label == "malignant"]
+    mixed = [s for pair in zip(benign, malignant, strict=False) for s in pair]
+    return mixed[:n]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=20, help="BUSI lesion images.")
+    parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
+    parser.add_argument("--model", type=Path, help="Bundle (default: shipped default / untrained).")
+    parser.add_argument("--prompt", choices=["box", "coarse"], default="box")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="Comma-separated engines.")
+    parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
+    args = parser.parse_args(argv)
+
+    samples = lesion_samples(args.root, args.n)
+    if not samples:
+        raise SystemExit(f"no BUSI lesion images under {args.root}")
+    images = [load_image(s.image_path) for s in samples]
+    truths = [load_mask(s) for s in samples]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    cache_dir = args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
+
+    masks: dict[str, list[np.ndarray]] = {}
+    report: dict = {"n_images": len(samples), "prompt": args.prompt, "engines": {}}
+    for engine in engines:
+        predictor = Predictor.from_bundle(args.model)
+        report["model_version"] = predictor.model_version
+        started = time.perf_counter()
+        accelerate_predictor(predictor, engine, cache_dir)
+        prepare_s = time.perf_counter() - started
+        dices, encoder_ms = [], []
+        masks[engine] = []
+        for image, truth in zip(images, truths, strict=True):
+            started = time.perf_counter()
+            embedding = predictor.embed(image)
+            encoder_ms.append((time.perf_counter() - started) * 1000.0)
+            box = box_of(truth) if args.prompt == "box" else None
+            prediction = predictor.predict(image, embedding=embedding, box=box)
+            mask = prediction.refined_mask()
+            masks[engine].append(mask)
+            dices.append(dice_score(mask, truth))
+        report["engines"][engine] = {
+            "dice_mean": round(statistics.fmean(dices), 4),
+            "encoder_ms_median": round(statistics.median(encoder_ms), 1),
+            "prepare_s": round(prepare_s, 1),
+        }
+    if "torch" in masks:
+        base = report["engines"]["torch"]["dice_mean"]
+        for engine in engines:
+            entry = report["engines"][engine]
+            entry["dice_delta_vs_torch"] = round(entry["dice_mean"] - base, 4)
+            agreement = [dice_score(a, b) for a, b in zip(masks[engine], masks["torch"], strict=True)]
+            entry["agreement_dice_vs_torch"] = round(statistics.fmean(agreement), 4)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Schema-driven fuzzing of the serving routes: no generated request may cause a 5xx.
+
+Schemathesis reads the app's OpenAPI schema and sends a bounded number of positive and negative
+examples (random multipart bodies, query values, missing parts) to ``/segment``,
+``/segment/batch``, ``/health`` and ``/ready``. The untrained bundle is served; random bytes never
+reach the model, so the run is fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+from backend.app.core.settings import Settings  # noqa: E402
+from backend.app.main import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    from training.checkpoints import build_untrained_bundle, save_bundle
+
+    root = tmp_path_factory.mktemp("fuzz")
+    bundle = root / "untrained.pt"
+    save_bundle(bundle, build_untrained_bundle())
+    app = create_app(
+        Settings(
+            model_path=bundle,
+            database_url=f"sqlite:///{root / 'store.sqlite'}",
+            max_upload_mb=1.0,
+            max_image_pixels=1_000_000,
+            embedding_cache_items=4,
+        )
+    )
+    app.state.model_holder.load(bundle, source="settings")  # schemathesis calls skip the lifespan
+    return app
+
+
+@pytest.fixture(scope="module")
+def operations(served_app):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", served_app)
+    selected = schema.include(path_regex=r"^/(segment|segment/batch|health|ready)$")
+    found = [result.ok() for result in selected.get_all_operations()]
+    assert {f"{op.method.upper()} {op.path}" for op in found} >= {"POST /segment", "POST /segment/batch"}
+    return {f"{op.method.upper()} {op.path}": op for op in found}
+
+
+def _check(case) -> None:
+    response = case.call()
+    case.validate_response(response, checks=[not_a_server_error])
+    assert response.status_code < 500, response.text
+    content_type = response.headers.get("content-type") or [""]
+    if isinstance(content_type, list):
+        content_type = content_type[0]
+    if response.status_code >= 400 and content_type.startswith("application/json"):
+        assert response.json().get("detail"), "every error names its problem in 'detail'"
+
+
+@pytest.mark.parametrize(
+    "label,mode",
+    [
+        ("POST /segment", GenerationMode.POSITIVE),
+        ("POST /segment", GenerationMode.NEGATIVE),
+        ("POST /segment/batch", GenerationMode.POSITIVE),
+        ("POST /segment/batch", GenerationMode.NEGATIVE),
+        ("GET /health", GenerationMode.POSITIVE),
+        ("GET /ready", GenerationMode.POSITIVE),
+    ],
+    ids=lambda value: getattr(value, "value", value),
+)
+def test_no_server_errors(operations, label, mode):
+    operation = operations[label]
+    examples = 20 if label.startswith("POST") else 5
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=examples, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def run(case) -> None:
+        _check(case)
+
+    run()

@@ -1,0 +1,382 @@
+"""Decoding of uploads: raster formats, every DICOM photometric kind, and every bad input."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import convert_color_space
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from backend.app import imaging
+from backend.app.imaging import ImageError, decode_image
+
+BUSI_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "BUSI" / "Dataset_BUSI_with_GT"
+PATIENT_NAME = "Doe^Jane-Secret"
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
+
+
+def gradient(rows: int = 48, cols: int = 64, dtype=np.uint8, high: int = 255) -> np.ndarray:
+    """A gray ramp with a bright disc (a synthetic 'lesion')."""
+    yy, xx = np.mgrid[:rows, :cols]
+    base = (xx / (cols - 1)) * high * 0.5
+    disc = ((yy - rows / 2) ** 2 + (xx - cols / 2) ** 2) < (min(rows, cols) / 4) ** 2
+    return (base + disc * high * 0.5).astype(dtype)
+
+
+def make_dicom(
+    kind: str = "MONOCHROME2",
+    *,
+    bits: int = 8,
+    rows: int = 48,
+    cols: int = 64,
+    frames: int = 1,
+    window: tuple[float, float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    pixel_spacing: tuple[float, float] | None = None,
+    us_regions_cm: tuple[float, float] | None = None,
+    with_pixels: bool = True,
+    patient_name: str = PATIENT_NAME,
+) -> bytes:
+    """A synthetic ultrasound DICOM Part 10 file of the given photometric interpretation."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_class = US_MULTIFRAME_STORAGE if frames > 1 else US_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = patient_name
+    ds.PatientID = "PID-12345"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "US"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "Synthetic"
+    ds.Rows, ds.Columns = rows, cols
+    if pixel_spacing:
+        ds.PixelSpacing = list(pixel_spacing)
+    if us_regions_cm:
+        region = Dataset()
+        region.RegionSpatialFormat = 1
+        region.RegionDataType = 1
+        region.RegionFlags = 0
+        region.RegionLocationMinX0, region.RegionLocationMinY0 = 0, 0
+        region.RegionLocationMaxX1, region.RegionLocationMaxY1 = cols - 1, rows - 1
+        region.PhysicalUnitsXDirection = 3
+        region.PhysicalUnitsYDirection = 3
+        region.PhysicalDeltaX, region.PhysicalDeltaY = us_regions_cm
+        ds.SequenceOfUltrasoundRegions = [region]
+    if not with_pixels:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        return _to_bytes(ds)
+    high = 255 if bits == 8 else 4095
+    gray = np.stack([gradient(rows, cols, np.uint16, high) for _ in range(frames)])
+    for index in range(frames):  # frames differ so a frame parameter is observable
+        gray[index] = np.roll(gray[index], index * 3, axis=1)
+    ds.BitsAllocated = 8 if bits == 8 else 16
+    ds.BitsStored = 8 if bits == 8 else 12
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.FrameIncrementPointer = 0x00181063
+        ds.FrameTime = 33.3
+    if kind in ("MONOCHROME1", "MONOCHROME2"):
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = kind
+        values = high - gray if kind == "MONOCHROME1" else gray
+        dtype = np.uint8 if bits == 8 else np.uint16
+        pixel_bytes = values.astype(dtype).tobytes()
+        if window:
+            ds.WindowCenter, ds.WindowWidth = window
+        if rescale:
+            ds.RescaleSlope, ds.RescaleIntercept = rescale
+            ds.RescaleType = "US"
+    else:
+        assert bits == 8, "colour test images are 8-bit"
+        rgb = np.stack([gray, np.roll(gray, 5, axis=-1), gray[..., ::-1]], axis=-1).astype(np.uint8)
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = kind
+        if kind == "RGB":
+            pixel_bytes = rgb.tobytes()
+        elif kind == "YBR_FULL":
+            pixel_bytes = np.stack([convert_color_space(f, "RGB", "YBR_FULL") for f in rgb]).tobytes()
+        elif kind == "YBR_FULL_422":
+            ybr = np.stack([convert_color_space(f, "RGB", "YBR_FULL") for f in rgb]).astype(np.uint16)
+            y = ybr[..., 0]
+            cb = ((ybr[..., 0::2, 1] + ybr[..., 1::2, 1]) // 2).astype(np.uint8)
+            cr = ((ybr[..., 0::2, 2] + ybr[..., 1::2, 2]) // 2).astype(np.uint8)
+            packed = np.stack([y[..., 0::2], y[..., 1::2], cb, cr], axis=-1).astype(np.uint8)
+            pixel_bytes = packed.tobytes()
+        else:
+            raise ValueError(kind)
+    if len(pixel_bytes) % 2:
+        pixel_bytes += b"\x00"
+    ds.PixelData = pixel_bytes
+    return _to_bytes(ds)
+
+
+def _to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def first_busi_image() -> Path:
+    paths = sorted(p for p in (BUSI_ROOT / "benign").glob("*.png") if "_mask" not in p.name)
+    if not paths:
+        pytest.skip("BUSI is not available")
+    return paths[0]
+
+
+# ----------------------------------------------------------------------------- raster
+
+
+@pytest.mark.parametrize("fmt,kind", [("PNG", "png"), ("JPEG", "jpeg"), ("BMP", "bmp"), ("TIFF", "tiff")])
+def test_raster_formats_decode(fmt, kind):
+    array = gradient()
+    decoded = decode_image(png_bytes(array, fmt))
+    assert decoded.kind == kind
+    assert decoded.pixels.shape == array.shape
+    assert decoded.pixel_spacing_mm is None
+    if fmt != "JPEG":
+        np.testing.assert_array_equal(decoded.pixels, array)
+
+
+def test_rgb_png_keeps_colour_and_gray_rgb_collapses():
+    gray = gradient()
+    rgb = np.stack([gray, gray[::-1], gray], axis=-1)
+    assert decode_image(png_bytes(rgb)).pixels.shape == (*gray.shape, 3)
+    gray_rgb = np.stack([gray, gray, gray], axis=-1)
+    assert decode_image(png_bytes(gray_rgb)).pixels.shape == gray.shape
+
+
+def test_16bit_png():
+    array = gradient(dtype=np.uint16, high=60000)
+    decoded = decode_image(png_bytes(array))
+    assert decoded.pixels.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.pixels, array)
+
+
+def test_busi_png_decodes():
+    path = first_busi_image()
+    decoded = decode_image(path.read_bytes())
+    with Image.open(path) as image:
+        assert (decoded.width, decoded.height) == image.size
+
+
+def test_multipage_tiff_frame():
+    pages = [Image.fromarray(np.full((20, 30), value, np.uint8)) for value in (10, 200)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    data = buffer.getvalue()
+    assert decode_image(data, frame=1).pixels.max() == 200
+    assert decode_image(data).n_frames == 2
+    with pytest.raises(ImageError) as info:
+        decode_image(data, frame=2)
+    assert info.value.status_code == 422 and "out of range" in info.value.detail
+
+
+def test_pixel_hash_depends_on_pixels_only():
+    a = decode_image(png_bytes(gradient()))
+    b = decode_image(png_bytes(gradient(), optimize=True))
+    c = decode_image(png_bytes(gradient()[::-1].copy()))
+    assert a.pixel_hash() == b.pixel_hash() != c.pixel_hash()
+
+
+# ----------------------------------------------------------------------------- bad raster input
+
+
+def test_empty_is_422():
+    with pytest.raises(ImageError) as info:
+        decode_image(b"")
+    assert info.value.status_code == 422 and "empty" in info.value.detail
+
+
+def test_non_image_is_415():
+    with pytest.raises(ImageError) as info:
+        decode_image(b"%PDF-1.7 this is not an image at all" * 10)
+    assert info.value.status_code == 415
+
+
+def test_gif_is_415():
+    with pytest.raises(ImageError) as info:
+        decode_image(png_bytes(gradient(), "GIF"))
+    assert info.value.status_code == 415
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF"])
+def test_truncated_is_422(fmt):
+    data = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8), fmt)
+    with pytest.raises(ImageError) as info:
+        decode_image(data[: len(data) // 2])
+    assert info.value.status_code == 422
+
+
+def test_decompression_bomb_is_413_before_decoding():
+    # A 10000×10000 PNG of zeros compresses to a few kB: the header alone must stop it.
+    image = Image.new("L", (10_000, 10_000))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    with pytest.raises(ImageError) as info:
+        decode_image(buffer.getvalue(), max_pixels=1_000_000)
+    assert info.value.status_code == 413 and "pixels" in info.value.detail
+    assert Image.MAX_IMAGE_PIXELS not in (None, 1_000_000)  # global guard untouched
+
+
+def test_huge_header_beyond_pillow_guard_is_413():
+    # Forge a PNG header claiming 100000×100000 pixels (Pillow raises DecompressionBombError).
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    idat = b"IDAT" + zlib.compress(b"\x00" * 64)
+    data = b"\x89PNG\r\n\x1a\n"
+    for body in (chunk, idat):
+        data += struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    with pytest.raises(ImageError) as info:
+        decode_image(data, max_pixels=10**12)
+    assert info.value.status_code == 413
+
+
+def test_one_pixel_image_is_422():
+    with pytest.raises(ImageError) as info:
+        decode_image(png_bytes(np.zeros((1, 1), np.uint8)))
+    assert info.value.status_code == 422
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_monochrome2(bits):
+    decoded = decode_image(make_dicom("MONOCHROME2", bits=bits))
+    assert decoded.kind == "dicom" and decoded.pixels.shape == (48, 64)
+    expected = gradient(48, 64, np.uint16, 255 if bits == 8 else 4095)
+    np.testing.assert_array_equal(decoded.pixels.astype(np.int64), expected.astype(np.int64))
+    assert decoded.dataset is not None and "PixelData" not in decoded.dataset
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_monochrome1_is_inverted(bits):
+    mono1 = decode_image(make_dicom("MONOCHROME1", bits=bits)).pixels.astype(np.float64)
+    mono2 = decode_image(make_dicom("MONOCHROME2", bits=bits)).pixels.astype(np.float64)
+    # MONOCHROME1 stores high - value; after inversion bright stays bright.
+    assert np.corrcoef(mono1.ravel(), mono2.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("kind", ["RGB", "YBR_FULL", "YBR_FULL_422"])
+def test_colour_dicoms_become_rgb(kind):
+    decoded = decode_image(make_dicom(kind))
+    assert decoded.pixels.shape == (48, 64, 3) and decoded.pixels.dtype == np.uint8
+    reference = decode_image(make_dicom("RGB")).pixels.astype(np.int64)
+    # Colour conversion and 4:2:2 chroma subsampling are lossy by a few levels.
+    assert np.abs(decoded.pixels.astype(np.int64) - reference).mean() < 8
+
+
+def test_window_and_rescale_are_applied():
+    plain = decode_image(make_dicom("MONOCHROME2", bits=16)).pixels
+    windowed = decode_image(make_dicom("MONOCHROME2", bits=16, window=(1000, 400))).pixels
+    assert windowed.dtype == np.float32
+    # Values below the window clip to the bottom, above it to the top.
+    assert windowed[plain < 800].max() == windowed.min()
+    assert windowed[plain > 1200].min() == windowed.max()
+    rescaled = decode_image(make_dicom("MONOCHROME2", bits=16, rescale=(2.0, -100.0))).pixels
+    np.testing.assert_allclose(rescaled, plain.astype(np.float32) * 2 - 100)
+
+
+def test_multiframe_frame_parameter():
+    data = make_dicom("MONOCHROME2", frames=3)
+    frame0 = decode_image(data).pixels
+    frame2 = decode_image(data, frame=2)
+    assert frame2.n_frames == 3 and frame2.frame == 2
+    np.testing.assert_array_equal(frame2.pixels, np.roll(frame0, 6, axis=1))
+    with pytest.raises(ImageError) as info:
+        decode_image(data, frame=3)
+    assert info.value.status_code == 422 and "out of range" in info.value.detail
+
+
+def test_single_frame_out_of_range():
+    with pytest.raises(ImageError) as info:
+        decode_image(make_dicom(), frame=1)
+    assert info.value.status_code == 422
+
+
+def test_no_pixel_data_is_422():
+    with pytest.raises(ImageError) as info:
+        decode_image(make_dicom(with_pixels=False))
+    assert info.value.status_code == 422 and "no pixel data" in info.value.detail
+
+
+def test_truncated_dicom_is_422():
+    data = make_dicom("MONOCHROME2", bits=16)
+    for cut in (140, len(data) // 2, len(data) - 100):
+        with pytest.raises(ImageError) as info:
+            decode_image(data[:cut])
+        assert info.value.status_code == 422
+        assert PATIENT_NAME not in info.value.detail
+
+
+def test_dicom_frame_too_large_is_413():
+    with pytest.raises(ImageError) as info:
+        decode_image(make_dicom(rows=100, cols=100), max_pixels=5000)
+    assert info.value.status_code == 413
+
+
+def test_pixel_spacing_sources():
+    assert decode_image(make_dicom(pixel_spacing=(0.1, 0.2))).pixel_spacing_mm == (0.1, 0.2)
+    spacing = decode_image(make_dicom(us_regions_cm=(0.02, 0.03))).pixel_spacing_mm
+    assert spacing == pytest.approx((0.3, 0.2))  # (row = ΔY, column = ΔX) in mm
+    assert decode_image(make_dicom()).pixel_spacing_mm is None
+
+
+def test_dicom_without_preamble_hint():
+    data = make_dicom()
+    # Not a Part 10 preamble: only the filename tells; a garbage body must still be a clean 422.
+    with pytest.raises(ImageError) as info:
+        decode_image(b"garbage-not-dicom" * 20, filename="scan.dcm")
+    assert info.value.status_code == 422
+    assert decode_image(data, filename="scan.dcm").kind == "dicom"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_mask_helpers_and_overlay():
+    mask = np.zeros((30, 40), bool)
+    mask[5:10, 7:20] = True
+    assert imaging.mask_bbox(mask) == [7, 5, 19, 9]
+    assert imaging.mask_bbox(np.zeros((3, 3), bool)) is None
+    with Image.open(io.BytesIO(imaging.mask_to_png(mask))) as image:
+        assert image.size == (40, 30) and image.mode == "L"
+        assert (np.asarray(image) > 0).sum() == mask.sum()
+    overlay = imaging.overlay_png(gradient(30, 40), mask, np.roll(mask, 3, axis=0))
+    with Image.open(io.BytesIO(overlay)) as image:
+        assert image.size == (40, 30) and image.mode == "RGB"
