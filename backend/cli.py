@@ -52,3 +52,38 @@ def serve(
         typer.echo(f"error: {where}: {first.get('msg')}", err=True)
         raise typer.Exit(2) from None
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1)
+
+
+@app.command("start")
+def start(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    api_port: Annotated[int, typer.Option(min=1, max=65535, help="API port.")] = 8000,
+    ui_port: Annotated[int, typer.Option(min=1, max=65535, help="Admin UI port.")] = 7860,
+) -> None:
+    """Start API, training worker and admin UI locally (embedded defaults); Ctrl-C stops all."""
+    from backend.launcher import start as start_services
+
+    raise typer.Exit(start_services(host=host, api_port=api_port, ui_port=ui_port))
+
+
+@app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run the Celery training worker on the `gpu` queue (extra options go to celery)."""
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *ctx.args])
+
+
+@app.command("db-upgrade")
+def db_upgrade() -> None:
+    """Apply the store's Alembic migrations (DATABASE_URL) and exit."""
+    from backend.app.core.settings import Settings
+    from backend.app.db.session import init_db
+
+    init_db(Settings())
+    typer.echo("database is at the latest migration")
+
+
+if __name__ == "__main__":
+    app()

@@ -37,23 +37,8 @@ def build_services(host: str, api_port: int, ui_port: int) -> list[Service]:
         ),
         Service(
             "worker",
-            # One job at a time on the `gpu` queue; solo pool: cancel/heartbeat run in-process.
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-Q",
-                "gpu",
-                "--concurrency",
-                "1",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "INFO",
-            ],
+            # One job at a time on the `gpu` queue (worker/__main__.py).
+            [python, "-m", "worker"],
         ),
         Service(
             "ui",
