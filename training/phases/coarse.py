@@ -1,0 +1,406 @@
+"""Phase 1: TransUNet coarse segmenter, K-fold cross-validation inside the training split.
+
+Per fold: SGD (momentum, weight decay) with a per-step poly(``poly_power``) learning rate, loss
+``ce_weight``·CE + ``dice_weight``·Dice, random flips / small affine / intensity augmentation on
+training batches only; after every epoch the validation Dice (per image, at native resolution,
+lesion images, mean — :mod:`training.evaluate`) decides the best epoch. Outputs, under
+``<output_dir>/coarse/``:
+
+* ``fold<k>/last.pt`` — resume checkpoint (model, optimizer, schedule, epoch, step, RNG),
+  written every epoch and on cancellation;
+* ``fold<k>/best.pt`` — weights of the best epoch; ``fold<k>/summary.json`` — per-fold summary;
+* ``fold<k>/oof_probs.pt`` — out-of-fold lesion probabilities (``1×S×S`` float16 per validation
+  image) of the best epoch: the *real* phase-1 predictions used by phase 2b, each made by the
+  fold model that never trained on that image;
+* ``final.pt`` / ``final.json`` — the final coarse model: **the fold with the best validation
+  Dice** (ties → lower fold index), and ``summary.json`` over all folds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.checkpoints import load_checkpoint, save_checkpoint
+from training.evaluate import image_record, summarize
+from training.modeling.losses import coarse_loss
+from training.modeling.transunet import build_transunet, load_vit_npz
+from training.phases.context import (
+    COARSE_DIR,
+    LoadedSample,
+    RunContext,
+    StepSchedule,
+    batches,
+    epoch_order,
+    read_json,
+    rng_state,
+    set_rng_state,
+    step_generator,
+    write_json,
+)
+
+log = logging.getLogger("training.coarse")
+PHASE = "coarse"
+
+#: Augmentation ranges (training batches only).
+FLIP_PROBABILITY = 0.5
+MAX_ROTATION_DEG = 10.0
+SCALE_RANGE = (0.9, 1.1)
+MAX_TRANSLATION = 0.05  # fraction of the side
+GAMMA_RANGE = (0.7, 1.5)
+CONTRAST_RANGE = (0.9, 1.1)
+MAX_BRIGHTNESS = 0.05
+
+
+def augment_coarse_batch(
+    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flip, small affine (rotation, scale, translation), gamma/contrast/brightness.
+
+    ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long. Geometry is applied identically
+    to both (bilinear for images, nearest for labels); intensity to images only.
+    """
+    batch = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, generator=generator)
+
+    flip = torch.rand(batch, generator=generator) < FLIP_PROBABILITY
+    angle = uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG) * math.pi / 180
+    scale = uniform(*SCALE_RANGE)
+    shift = uniform(-MAX_TRANSLATION, MAX_TRANSLATION), uniform(-MAX_TRANSLATION, MAX_TRANSLATION)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    mirror = torch.where(flip, -1.0, 1.0)
+    theta = torch.stack(
+        [
+            torch.stack([cos * mirror, -sin, 2 * shift[0]], dim=1),
+            torch.stack([sin * mirror, cos, 2 * shift[1]], dim=1),
+        ],
+        dim=1,
+    ).to(images)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    targets = F.grid_sample(targets[:, None].to(images.dtype), grid, mode="nearest", align_corners=False)
+    targets = targets[:, 0].round().long()
+
+    gamma = uniform(*GAMMA_RANGE).to(images)[:, None, None, None]
+    contrast = uniform(*CONTRAST_RANGE).to(images)[:, None, None, None]
+    brightness = uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS).to(images)[:, None, None, None]
+    images = images.clamp(0, 1) ** gamma
+    images = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1)
+    return images, targets
+
+
+def coarse_batch(items: list[LoadedSample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B×1×S×S`` images and ``B×S×S`` long targets."""
+    images = torch.stack([item.coarse_image for item in items]).to(device)
+    targets = torch.stack([item.coarse_target for item in items]).long().to(device)
+    return images, targets
+
+
+@torch.no_grad()
+def predict_coarse_probs(model: torch.nn.Module, items: list[LoadedSample], device, batch_size: int):
+    """``(coarse_logits B×2×S×S, …)`` of ``items`` in batches → list of ``2×S×S`` CPU logits."""
+    model.eval()
+    logits_list = []
+    for start in range(0, len(items), batch_size):
+        images, _ = coarse_batch(items[start : start + batch_size], device)
+        logits_list.extend(model(images).float().cpu())
+    return logits_list
+
+
+def native_coarse_probs(coarse_logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """``2×S×S`` logits → ``H×W`` float32 lesion probabilities at native resolution."""
+    native = F.interpolate(coarse_logits[None], size=(height, width), mode="bilinear", align_corners=False)
+    return native.softmax(dim=1)[0, 1].numpy()
+
+
+def validate_coarse(model, items: list[LoadedSample], ctx: RunContext, batch_size: int):
+    """Evaluation-protocol report of the coarse model on ``items`` and their ``1×S×S`` probabilities."""
+    logits_list = predict_coarse_probs(model, items, ctx.device, batch_size)
+    records, probs = [], {}
+    losses = []
+    for item, logits in zip(items, logits_list, strict=True):
+        height, width = item.mask.shape
+        native = native_coarse_probs(logits, height, width)
+        records.append(image_record(item.id, item.sample.label, item.mask, native))
+        probs[item.id] = logits.softmax(dim=0)[1:2].half()
+        loss = coarse_loss(
+            logits[None],
+            item.coarse_target[None].long(),
+            ctx.cfg.coarse.ce_weight,
+            ctx.cfg.coarse.dice_weight,
+        )
+        losses.append(float(loss))
+    report = summarize(records)
+    report["loss"] = float(np.mean(losses)) if losses else None
+    return report, probs
+
+
+def _fold_key(fold: int) -> str:
+    return f"{PHASE}/fold{fold}"
+
+
+def folds_to_run(ctx: RunContext) -> list[int]:
+    n_folds = len(ctx.split.folds)
+    wanted = ctx.cfg.coarse.folds_to_run
+    folds = list(range(n_folds)) if wanted is None else sorted(set(wanted))
+    bad = [fold for fold in folds if not 0 <= fold < n_folds]
+    if bad:
+        raise ValueError(f"folds_to_run {bad} out of range: the split has {n_folds} folds (0..{n_folds - 1})")
+    return folds
+
+
+def plan(ctx: RunContext) -> None:
+    for fold in folds_to_run(ctx):
+        ctx.progress.add(_fold_key(fold), ctx.cfg.coarse.epochs)
+
+
+def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
+    """Train one fold; returns its summary (also written to ``fold<k>/summary.json``)."""
+    cfg, train_cfg = ctx.cfg, ctx.cfg.coarse
+    fold_dir = ctx.phase_dir(COARSE_DIR) / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    train_items = ctx.store.many(ctx.split.train_ids(fold))
+    val_items = ctx.store.many(ctx.split.val_ids(fold))
+    if not train_items:
+        raise ValueError(f"fold {fold} has no training images")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.data.seed + fold)
+        model = build_transunet(cfg.transunet)
+    if train_cfg.pretrained_npz is not None:
+        load_vit_npz(model, train_cfg.pretrained_npz)
+    model.to(ctx.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train_items) / train_cfg.batch_size)
+    schedule = StepSchedule(
+        optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
+    )
+    start_epoch, start_step, history = 0, 0, []
+    best = {"epoch": None, "dice": None}
+    elapsed_before = 0.0
+    last_path = fold_dir / "last.pt"
+    if ctx.resume and last_path.is_file():
+        checkpoint = load_checkpoint(last_path, map_location=ctx.device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        set_rng_state(checkpoint.get("rng"))
+        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
+        history, best = checkpoint["history"], checkpoint["best"]
+        elapsed_before = checkpoint.get("elapsed_s", 0.0)
+        log.info("fold %d: resuming at epoch %d step %d", fold, start_epoch, start_step)
+
+    started = time.monotonic()
+
+    def save_last(epoch: int, step: int) -> None:
+        save_checkpoint(
+            last_path,
+            phase=PHASE,
+            fold=fold,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(),
+            epoch=epoch,
+            step=step,
+            history=history,
+            best=best,
+            rng=rng_state(),
+            elapsed_s=elapsed_before + time.monotonic() - started,
+            config=cfg.model_dump(mode="json"),
+        )
+
+    ctx.emit(
+        "fold_start",
+        phase=PHASE,
+        fold=fold,
+        epochs=train_cfg.epochs,
+        extra={"n_train": len(train_items), "n_val": len(val_items)},
+    )
+    for epoch in range(start_epoch, train_cfg.epochs):
+        model.train()
+        order = epoch_order(cfg.data.seed, 100 + fold, epoch, len(train_items))
+        epoch_batches = batches(order, train_cfg.batch_size)
+        first_step = start_step if epoch == start_epoch else 0
+        running = []
+        for step in range(first_step, len(epoch_batches)):
+            images, targets = coarse_batch([train_items[i] for i in epoch_batches[step]], ctx.device)
+            if train_cfg.augment:
+                generator = step_generator(cfg.data.seed, 100 + fold, epoch, step)
+                images, targets = augment_coarse_batch(images.cpu(), targets.cpu(), generator)
+                images, targets = images.to(ctx.device), targets.to(ctx.device)
+            logits = model(images)
+            loss = coarse_loss(logits, targets, train_cfg.ce_weight, train_cfg.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            running.append(loss.item())
+            ctx.progress.set(_fold_key(fold), (epoch + (step + 1) / len(epoch_batches)) / train_cfg.epochs)
+            ctx.emit(
+                "step",
+                phase=PHASE,
+                fold=fold,
+                epoch=epoch,
+                epochs=train_cfg.epochs,
+                step=step,
+                steps=len(epoch_batches),
+                losses={"train": running[-1]},
+                lr=optimizer.param_groups[0]["lr"],
+            )
+            ctx.check_stop(lambda e=epoch, s=step + 1: save_last(e, s), PHASE)
+
+        report, val_probs = validate_coarse(model, val_items, ctx, train_cfg.batch_size)
+        dice = report["dice_coarse"]
+        entry = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(running)) if running else None,
+            "val_loss": report["loss"],
+            "val_dice": dice,
+            "val_fp_rate": report["normal"]["fp_rate_coarse"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(entry)
+        score = -1.0 if dice is None else dice
+        if best["epoch"] is None or score > best["dice_score"]:
+            best = {"epoch": epoch, "dice": dice, "dice_score": score}
+            save_checkpoint(
+                fold_dir / "best.pt",
+                phase=PHASE,
+                fold=fold,
+                epoch=epoch,
+                dice=dice,
+                model=model.state_dict(),
+                config=cfg.model_dump(mode="json"),
+            )
+            save_checkpoint(fold_dir / "oof_probs.pt", fold=fold, epoch=epoch, probs=val_probs)
+        save_last(epoch + 1, 0)
+        model.train()
+        ctx.progress.set(_fold_key(fold), (epoch + 1) / train_cfg.epochs)
+        ctx.emit(
+            "epoch_end",
+            phase=PHASE,
+            fold=fold,
+            epoch=epoch,
+            epochs=train_cfg.epochs,
+            losses={
+                k: v for k, v in (("train", entry["train_loss"]), ("val", entry["val_loss"])) if v is not None
+            },
+            dice=dice,
+            lr=entry["lr"],
+            extra={"best_epoch": best["epoch"], "best_dice": best["dice"]},
+        )
+        log.info(
+            "coarse fold %d epoch %d/%d: train loss %.4f, val Dice %s",
+            fold,
+            epoch + 1,
+            train_cfg.epochs,
+            entry["train_loss"] or float("nan"),
+            "n/a" if dice is None else f"{dice:.4f}",
+        )
+
+    summary = {
+        "phase": PHASE,
+        "fold": fold,
+        "best_epoch": best["epoch"],
+        "best_dice": best["dice"],
+        "epochs": train_cfg.epochs,
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+        "n_val_lesion": sum(item.lesion for item in val_items),
+        "history": history,
+        "elapsed_s": elapsed_before + time.monotonic() - started,
+        "best_checkpoint": str(fold_dir / "best.pt"),
+    }
+    write_json(fold_dir / "summary.json", summary)
+    ctx.emit(
+        "fold_end",
+        phase=PHASE,
+        fold=fold,
+        dice=best["dice"],
+        extra={"best_epoch": best["epoch"], "checkpoint": str(fold_dir / "best.pt"), "n_val": len(val_items)},
+    )
+    return summary
+
+
+def select_final_fold(summaries: list[dict]) -> dict:
+    """The fold with the best validation Dice (ties → lower fold index)."""
+    if not summaries:
+        raise ValueError("no trained fold to choose the final coarse model from")
+
+    def score(summary: dict) -> tuple[float, int]:
+        dice = summary["best_dice"]
+        return (-1.0 if dice is None else dice, -summary["fold"])
+
+    return max(summaries, key=score)
+
+
+def run_coarse_phase(ctx: RunContext) -> dict:
+    """All folds (or ``folds_to_run``), per-fold summaries, final-model selection; returns the summary."""
+    phase_dir = ctx.phase_dir(COARSE_DIR)
+    folds = folds_to_run(ctx)
+    ctx.emit("phase_start", phase=PHASE, extra={"folds": folds})
+    summaries = []
+    for fold in folds:
+        if ctx.resume and ctx.state.is_done(PHASE, fold):
+            summaries.append(read_json(phase_dir / f"fold{fold}" / "summary.json"))
+            ctx.progress.set(_fold_key(fold), 1.0)
+            log.info("coarse fold %d already complete: skipped", fold)
+            continue
+        summary = train_coarse_fold(ctx, fold)
+        ctx.state.mark_done(PHASE, fold, {"best_dice": summary["best_dice"]})
+        summaries.append(summary)
+
+    final = select_final_fold(summaries)
+    best = load_checkpoint(phase_dir / f"fold{final['fold']}" / "best.pt")
+    save_checkpoint(
+        phase_dir / "final.pt",
+        phase=PHASE,
+        fold=final["fold"],
+        epoch=best["epoch"],
+        dice=best["dice"],
+        model=best["model"],
+        config=ctx.cfg.model_dump(mode="json"),
+    )
+    dices = [s["best_dice"] for s in summaries if s["best_dice"] is not None]
+    final_info = {"fold": final["fold"], "dice": final["best_dice"], "selection": "best validation Dice"}
+    write_json(phase_dir / "final.json", final_info)
+    summary = {
+        "phase": PHASE,
+        "folds": [{k: v for k, v in s.items() if k != "history"} for s in summaries],
+        "mean_dice": float(np.mean(dices)) if dices else None,
+        "std_dice": float(np.std(dices)) if dices else None,
+        "final_fold": final["fold"],
+        "final_dice": final["best_dice"],
+        "final_checkpoint": str(phase_dir / "final.pt"),
+    }
+    write_json(phase_dir / "summary.json", summary)
+    ctx.emit("phase_end", phase=PHASE, dice=summary["mean_dice"], extra={"final_fold": final["fold"]})
+    return summary
+
+
+def load_out_of_fold_probs(ctx: RunContext) -> dict[str, torch.Tensor]:
+    """``id → 1×S×S`` out-of-fold coarse probabilities (float32) of every trained fold."""
+    probs: dict[str, torch.Tensor] = {}
+    for path in sorted((ctx.output_dir / COARSE_DIR).glob("fold*/oof_probs.pt")):
+        for sample_id, tensor in load_checkpoint(path)["probs"].items():
+            probs[sample_id] = tensor.float()
+    return probs
+
+
+def load_final_coarse(ctx: RunContext):
+    """The final phase-1 TransUNet (``final.pt``) on the run's device, or ``None`` if absent."""
+    path = ctx.output_dir / COARSE_DIR / "final.pt"
+    if not path.is_file():
+        return None
+    model = build_transunet(ctx.cfg.transunet)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model.to(ctx.device)
