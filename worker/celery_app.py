@@ -33,14 +33,12 @@ log = logging.getLogger(__name__)
 
 #: Name the API sends and the worker registers (the API never imports the task code).
 TRAIN_TASK = "ultrarefiner.train_run"
-#: Default queue of training jobs (``settings.worker_queue`` overrides it when that field exists).
-DEFAULT_QUEUE = "gpu"
 #: The Redis transport redelivers an unacked message after this long (a dead worker's run).
 REDIS_VISIBILITY_TIMEOUT_S = 3600
 
 
 def queue_name(settings: Settings) -> str:
-    return str(getattr(settings, "worker_queue", None) or DEFAULT_QUEUE)
+    return settings.worker_queue
 
 
 def broker_url(settings: Settings) -> str:

@@ -49,10 +49,6 @@ FINAL_EVALUATION_PHASES = frozenset({None, "test", "evaluation"})
 MAX_ERROR_CHARS = 500
 
 
-def lost_after_s(settings: Settings) -> float:
-    return float(getattr(settings, "run_lost_after_s", None) or crud.DEFAULT_LOST_AFTER_S)
-
-
 def readable_error(exc: BaseException) -> str:
     """One line naming the exception, without a traceback."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -79,7 +75,7 @@ def mark_lost_at_start(settings: Settings, *, hostname: str | None) -> list[int]
     """Worker start: report as lost the runs this worker name held, and every stale one."""
     init_db(settings)
     with session_scope(settings) as session:
-        lost = crud.mark_lost_runs(session, lost_after_s=lost_after_s(settings), hostname=hostname)
+        lost = crud.mark_lost_runs(session, lost_after_s=settings.run_lost_after_s, hostname=hostname)
     if lost:
         log.warning("runs %s were left running by a dead worker: now 'lost' (resume them)", lost)
     return lost
@@ -384,7 +380,7 @@ def execute_run(
             pid=pid,
             device=device,
             task_id=task_id,
-            lost_after_s=lost_after_s(settings),
+            lost_after_s=settings.run_lost_after_s,
         )
     if not claimed:
         log.info("run %s (attempt %s) was not claimable (status %s); skipping", run_id, attempt, prior_status)
@@ -398,7 +394,7 @@ def execute_run(
         run_id,
         pid=pid,
         hostname=hostname,
-        interval_s=min(HEARTBEAT_INTERVAL_S, lost_after_s(settings) / 4),
+        interval_s=min(HEARTBEAT_INTERVAL_S, settings.run_lost_after_s / 4),
     )
     callback = StoreCallback(
         settings,

@@ -55,10 +55,6 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 
 
-def lost_after_s(settings: Settings) -> float:
-    return float(getattr(settings, "run_lost_after_s", None) or crud.DEFAULT_LOST_AFTER_S)
-
-
 def _validation_error(errors: list[dict[str, Any]]) -> RequestValidationError:
     return RequestValidationError(errors)
 
@@ -158,7 +154,7 @@ def list_runs(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RunList:
-    crud.mark_lost_runs(session, lost_after_s=lost_after_s(settings))
+    crud.mark_lost_runs(session, lost_after_s=settings.run_lost_after_s)
     session.commit()
     status_value = status_.value if status_ is not None else None
     runs = crud.list_runs(session, status=status_value, limit=limit, offset=offset)
@@ -173,14 +169,14 @@ def list_runs(
 )
 def get_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=lost_after_s(settings))
+    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
     return run
 
 
 @router.get("/runs/{run_id}/metrics", response_model=RunMetrics, summary="Epoch metrics, folds, evaluations")
 def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> RunMetrics:
     run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=lost_after_s(settings))
+    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
     return RunMetrics(
         run_id=run.id,
         status=run.status,
@@ -193,7 +189,7 @@ def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: Se
 @router.post("/runs/{run_id}/cancel", response_model=RunRead, summary="Cancel a run (within one step)")
 def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=lost_after_s(settings))
+    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
     try:
         crud.request_cancel(session, run)
     except crud.StateError as exc:
@@ -204,7 +200,7 @@ def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: Session
 @router.post("/runs/{run_id}/resume", response_model=RunRead, summary="Resume from the last checkpoint")
 def resume_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=lost_after_s(settings))
+    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
     try:
         crud.prepare_resume(session, run)
     except crud.StateError as exc:
