@@ -103,6 +103,11 @@ class RefinerConfig(_Strict):
     roi_margin: float = Field(0.2, ge=0, description="ROI crop margin as a fraction of the box side.")
     selection_tau: float = Field(0.1, gt=0, description="Soft multimask selection: softmax(IoU/τ).")
     gated_residual: bool = Field(False, description="refined = coarse + gate·(refiner − coarse).")
+    refine_empty_coarse: bool = Field(
+        False,
+        description="Inference: refine even when the coarse mask finds no lesion (off: the refiner "
+        "refines, it does not detect, so an empty coarse mask is returned as is).",
+    )
 
 
 class DataConfig(_Strict):

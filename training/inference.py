@@ -197,25 +197,35 @@ class Predictor:
             coarse_probs_square = coarse_logits.softmax(dim=1)[:, 1:2]  # 1×1×S×S
             mark = self._lap(timings, "coarse", mark)
 
-            if embedding is None:
-                embedding = self.refiner.encode(refiner_image)
-            else:
-                embedding = self._check_embedding(embedding)
-            mark = self._lap(timings, "encoder", mark)
-
             coarse_probs_refiner = geometry.to_refiner(coarse_probs_square)  # 1×1×L×L
             valid = geometry.valid_mask().to(self.device)
-            output = self.refiner(
-                embedding, coarse_probs_refiner, valid=valid, prompts_override=override, images=refiner_image
-            )
-            refined_logits_native = geometry.from_refiner(output.refined_logits)  # 1×1×H×W
-            refined_probs = torch.sigmoid(refined_logits_native)[0, 0]
             coarse_logits_native = F.interpolate(
                 coarse_logits, size=(geometry.height, geometry.width), mode="bilinear", align_corners=False
             )
             coarse_probs = coarse_logits_native.softmax(dim=1)[0, 1]
-            iou = float(output.selected_iou.reshape(-1)[0])
-            prompts = self._native_prompts(output.prompts, geometry)
+            coarse_found_lesion = bool((coarse_probs_refiner * valid).max() >= 0.5)
+            if override is None and not coarse_found_lesion and not self.refiner.cfg.refine_empty_coarse:
+                # The refiner refines, it does not detect: no coarse lesion → nothing to refine,
+                # and the image encoder is not even run.
+                refined_probs, iou, prompts = coarse_probs, 0.0, {}
+                mark = self._lap(timings, "encoder", mark)
+            else:
+                if embedding is None:
+                    embedding = self.refiner.encode(refiner_image)
+                else:
+                    embedding = self._check_embedding(embedding)
+                mark = self._lap(timings, "encoder", mark)
+                output = self.refiner(
+                    embedding,
+                    coarse_probs_refiner,
+                    valid=valid,
+                    prompts_override=override,
+                    images=refiner_image,
+                )
+                refined_logits_native = geometry.from_refiner(output.refined_logits)  # 1×1×H×W
+                refined_probs = torch.sigmoid(refined_logits_native)[0, 0]
+                iou = float(output.selected_iou.reshape(-1)[0])
+                prompts = self._native_prompts(output.prompts, geometry)
             self._lap(timings, "decoder", mark)
         timings["total"] = (time.perf_counter() - started) * 1000.0
         return Prediction(

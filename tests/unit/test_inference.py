@@ -135,3 +135,36 @@ def test_bad_bundle_paths(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(BundleError):
         Predictor.from_bundle(tmp_path / "junk.pt")
+
+
+class _NoLesionCoarse(torch.nn.Module):
+    """A coarse segmenter that finds no lesion: background logit 10, lesion logit −10."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        return torch.stack(
+            [torch.full((batch, height, width), 10.0), torch.full((batch, height, width), -10.0)], 1
+        )
+
+
+def test_empty_coarse_mask_is_not_refined_and_skips_the_encoder(predictor, image, monkeypatch):
+    monkeypatch.setattr(predictor, "coarse", _NoLesionCoarse())
+    calls = []
+    monkeypatch.setattr(predictor.refiner, "encode", lambda images: calls.append(images) or None)
+    prediction = predictor.predict(image)
+    assert not calls  # no lesion to refine: the image encoder is not run
+    assert prediction.refined_probs.max() < 0.5 and prediction.coarse_probs.max() < 0.5
+    np.testing.assert_array_equal(prediction.refined_probs, prediction.coarse_probs)
+    assert prediction.iou == 0.0 and prediction.prompts == {}
+
+
+def test_refine_empty_coarse_setting_and_clinician_prompts_still_refine(
+    predictor, image, embedding, monkeypatch
+):
+    monkeypatch.setattr(predictor, "coarse", _NoLesionCoarse())
+    with_box = predictor.predict(image, embedding=embedding, box=[40, 20, 100, 60])
+    assert with_box.prompts["box"] is not None  # a clinician prompt always reaches the refiner
+    assert not np.array_equal(with_box.refined_probs, with_box.coarse_probs)
+    monkeypatch.setattr(predictor.refiner.cfg, "refine_empty_coarse", True)
+    forced = predictor.predict(image, embedding=embedding)
+    assert {"points", "point_labels", "box"} <= set(forced.prompts)
