@@ -117,7 +117,7 @@ class DataConfig(_Strict):
     folds: int = Field(5, ge=2, le=20, description="K folds of cross-validation on the training split.")
     seed: int = Field(42, description="Seed of the split and of every random choice in training.")
     split_file: Path | None = Field(None, description="Split JSON (default: <output_dir>/split.json).")
-    limit: int | None = Field(None, ge=4, description="Use only the first N images (smoke tests).")
+    limit: int | None = Field(None, ge=4, description="Use N images, round-robin over labels (smoke tests).")
     dedup_threshold: int = Field(10, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
 
 
