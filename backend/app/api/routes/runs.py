@@ -21,7 +21,7 @@ from backend.app.api.deps import AdminDep, SettingsDep
 from backend.app.core.settings import Settings
 from backend.app.db import crud
 from backend.app.db.models import Run, RunStatus
-from backend.app.db.session import init_db
+from backend.app.db.session import init_db, session_scope
 from backend.app.schemas.runs import (
     EpochMetricRead,
     EvaluationRead,
@@ -41,15 +41,9 @@ router = APIRouter(prefix="/api", tags=["runs"])
 
 def get_db(settings: SettingsDep) -> Iterator[Session]:
     """A request-scoped session on the run store (migrated on first use)."""
-    session = init_db(settings)()
-    try:
+    init_db(settings)
+    with session_scope(settings) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db)]
