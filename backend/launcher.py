@@ -77,8 +77,12 @@ def stop_all(services: list[Service], timeout: float = 15.0) -> None:
 def start(
     host: str = "127.0.0.1", api_port: int = 8000, ui_port: int = 7860, ready_timeout: float = 300
 ) -> int:
+    from backend.app.core.settings import Settings
+
     env = dict(os.environ)
-    token_generated = "ADMIN_TOKEN" not in env
+    # Never run with the placeholder token: without ADMIN_TOKEN (environment or .env), make one.
+    placeholder = Settings.model_fields["admin_token"].default.get_secret_value()
+    token_generated = Settings().admin_token.get_secret_value() == placeholder
     if token_generated:
         env["ADMIN_TOKEN"] = secrets.token_urlsafe(24)
     services = build_services(host, api_port, ui_port)
