@@ -94,10 +94,12 @@ def _check_paths(body: RunCreate, settings: Settings) -> None:
         raise _validation_error(errors)
 
 
-def _run_or_404(session: Session, run_id: int) -> Run:
+def _run_or_404(session: Session, settings: Settings, run_id: int) -> Run:
+    """The run, with a dead worker's run reported as ``lost``; 404 when it does not exist."""
     run = crud.get_run(session, run_id)
     if run is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"run {run_id} does not exist")
+    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
     return run
 
 
@@ -162,15 +164,13 @@ def list_runs(
     "/runs/{run_id}", response_model=RunRead, summary="A run: status, phase, fold, epoch, progress, ETA"
 )
 def get_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
-    run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
+    run = _run_or_404(session, settings, run_id)
     return run
 
 
 @router.get("/runs/{run_id}/metrics", response_model=RunMetrics, summary="Epoch metrics, folds, evaluations")
 def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> RunMetrics:
-    run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
+    run = _run_or_404(session, settings, run_id)
     return RunMetrics(
         run_id=run.id,
         status=run.status,
@@ -182,8 +182,7 @@ def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: Se
 
 @router.post("/runs/{run_id}/cancel", response_model=RunRead, summary="Cancel a run (within one step)")
 def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
-    run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
+    run = _run_or_404(session, settings, run_id)
     try:
         crud.request_cancel(session, run)
     except crud.StateError as exc:
@@ -193,8 +192,7 @@ def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: Session
 
 @router.post("/runs/{run_id}/resume", response_model=RunRead, summary="Resume from the last checkpoint")
 def resume_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
-    run = _run_or_404(session, run_id)
-    crud.refresh_lost(session, run, lost_after_s=settings.run_lost_after_s)
+    run = _run_or_404(session, settings, run_id)
     try:
         crud.prepare_resume(session, run)
     except crud.StateError as exc:
