@@ -501,7 +501,7 @@ def test_hot_swap_keeps_serving(client, bundle_path, fast_refiner_encoder):
 
 @pytest.mark.slow
 def test_onnx_engine(bundle_path, tmp_path):
-    """The ONNX Runtime encoder gives (nearly) the masks of the torch encoder."""
+    """The ONNX Runtime encoder + mask decoder give (nearly) the masks of torch."""
     pytest.importorskip("onnxruntime")
     path = busi_images(1)[0]
     data = path.read_bytes()
@@ -518,7 +518,8 @@ def test_onnx_engine(bundle_path, tmp_path):
         assert results["onnx-ready"]["inference_engine"] == "torch"  # clean fallback
         return
     assert results["onnx-ready"]["inference_engine"] == "onnx"
-    assert list((tmp_path / "onnx").glob("*.onnx"))
+    exported = {p.name.split("-")[0] for p in (tmp_path / "onnx").glob("*.onnx")}
+    assert exported == {"encoder", "decoder"}  # both run in ONNX Runtime
     torch_mask = decode_mask(results["torch"]["refined"]["mask_png"])
     onnx_mask = decode_mask(results["onnx"]["refined"]["mask_png"])
     union = (torch_mask | onnx_mask).sum()

@@ -1,0 +1,94 @@
+"""ONNX Runtime refiner (``backend.app.accelerate``): the exported image encoder and mask decoder
+give the torch outputs, for every prompt combination, and are exported once per set of weights."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_refiner import SIDE, tiny_refiner
+
+from backend.app.accelerate import OnnxImageEncoder, OnnxMaskDecoder, accelerate_predictor
+from training.config import RefinerConfig
+from training.modeling.prompts import Prompts
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+def lesion_probs(batch: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(
+        torch.arange(SIDE, dtype=torch.float32), torch.arange(SIDE, dtype=torch.float32), indexing="ij"
+    )
+    centres = [(24.0, 30.0), (40.0, 20.0)][:batch]
+    probs = [torch.sigmoid(8.0 - ((xs - cx) ** 2 + (ys - cy) ** 2).sqrt()) for cx, cy in centres]
+    return torch.stack(probs)[:, None]  # B×1×L×L
+
+
+def accelerated(refiner, engine: str, cache_dir):
+    predictor = SimpleNamespace(refiner=copy.deepcopy(refiner), device="cpu")
+    return accelerate_predictor(predictor, engine, cache_dir).refiner
+
+
+@pytest.mark.parametrize(
+    "prompt_flags",
+    [
+        {},  # point + negative point + box + dense mask prompt
+        {"use_point": False, "use_negative_point": False, "use_box": False},  # mask prompt only: 0 tokens
+        {"use_mask_prompt": False},
+    ],
+    ids=["all-prompts", "mask-only", "sparse-only"],
+)
+def test_onnx_refiner_matches_torch(tmp_path, prompt_flags):
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False, **prompt_flags)).eval()
+    fast = accelerated(refiner, "onnx", tmp_path)
+    assert isinstance(fast.image_encoder, OnnxImageEncoder) and isinstance(fast.mask_decoder, OnnxMaskDecoder)
+
+    images = torch.rand(2, 3, SIDE, SIDE)
+    coarse = lesion_probs(2)
+    with torch.inference_mode():
+        embeddings = refiner.encode(images)
+        assert torch.allclose(fast.encode(images), embeddings, atol=1e-4)
+        for multimask in (True, False):
+            want = refiner(embeddings, coarse, multimask_output=multimask)
+            got = fast(embeddings, coarse, multimask_output=multimask)
+            assert got.masks_logits.shape == want.masks_logits.shape == (2, 3 if multimask else 1, SIDE, SIDE)
+            assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
+            assert torch.allclose(got.iou_pred, want.iou_pred, atol=1e-4)
+
+
+def test_clinician_points_of_any_count(tmp_path):
+    """The decoder graph takes any number of prompt tokens (dynamic axis)."""
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    fast = accelerated(refiner, "onnx", tmp_path)
+    embeddings = refiner.encode(torch.rand(1, 3, SIDE, SIDE))
+    coarse = lesion_probs(1)
+    with torch.inference_mode():
+        for count in (1, 4):
+            points = torch.rand(1, count, 2) * SIDE
+            override = Prompts(points=points, point_labels=torch.ones(1, count, dtype=torch.long))
+            want = refiner(embeddings, coarse, prompts_override=override)
+            got = fast(embeddings, coarse, prompts_override=override)
+            assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
+
+
+def test_exported_once_per_weights_and_decoder_stays_fp32(tmp_path):
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    accelerated(refiner, "onnx-int8", tmp_path)
+    files = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    # encoder fp32 + its int8 copy; the decoder only in fp32
+    assert [f.split("-")[0] for f in files] == ["decoder", "encoder", "encoder"]
+    assert sum(f.endswith(".int8.onnx") for f in files) == 1 and not any(
+        f.startswith("decoder") and f.endswith(".int8.onnx") for f in files
+    )
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
+
+    accelerated(refiner, "onnx-int8", tmp_path)  # same weights: cached files reused as they are
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")} == stamps
+
+    tuned = copy.deepcopy(refiner)  # a fine-tuned decoder (same frozen encoder) gets its own file
+    with torch.no_grad():
+        tuned.mask_decoder.iou_token.weight.add_(1.0)
+    accelerated(tuned, "onnx", tmp_path)
+    names = {p.name for p in tmp_path.glob("*.onnx")}
+    assert len(names) == 4 and len([n for n in names if n.startswith("decoder")]) == 2
