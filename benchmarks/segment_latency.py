@@ -2,11 +2,17 @@
 
     python benchmarks/segment_latency.py --url http://127.0.0.1:8000 --n 20 --concurrency 2
     python benchmarks/segment_latency.py --url ... --n 20 --repeat-image   # same image, new prompts
+    python benchmarks/segment_latency.py --url ... --concurrency 50 --duration 60  # soak test
 
 Without ``--repeat-image`` every request carries a *new* image (one pixel changed per request, so
 the server's embedding cache misses); with it the same image is sent with a new clinician point
 each time, which measures the cached-embedding path. Client latency is wall time per request;
 the server's own per-stage timings (``timings_ms``) are summarised too.
+
+``--duration S`` is the soak mode: ``--concurrency`` clients each send requests back to back for
+S seconds (``--n`` is ignored); the server's resident memory is read from its Prometheus
+``/metrics`` (``process_resident_memory_bytes``) every few seconds and reported as start / max /
+end, so a leak or an unbounded cache shows as a rising series.
 """
 
 from __future__ import annotations
@@ -54,6 +60,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values), q))
 
 
+def server_rss_mb(client: httpx.Client, base: str) -> float | None:
+    """The server process's resident memory (MiB) from its Prometheus metrics, if exported."""
+    try:
+        text = client.get(f"{base}/metrics").text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return round(float(line.split()[1]) / 2**20, 1)
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,6 +84,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="Untimed requests first.")
     parser.add_argument("--api-key", help="X-API-Key header.")
     parser.add_argument("--timeout", type=float, default=300.0, help="Per-request timeout (s).")
+    parser.add_argument("--duration", type=float, help="Soak mode: every client loops for S seconds.")
+    parser.add_argument(
+        "--memory-every", type=float, default=5.0, help="Soak mode: memory sample period (s)."
+    )
     args = parser.parse_args(argv)
 
     path = args.image or default_image()
@@ -122,9 +144,35 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.warmup):
         one(next_index())
 
+    memory: list[tuple[float, float | None]] = []
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        results = list(pool.map(lambda _: one(next_index()), range(args.n)))
+    if args.duration is None:
+        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            results = list(pool.map(lambda _: one(next_index()), range(args.n)))
+    else:
+        deadline = started + args.duration
+
+        def client_loop(_: int) -> list[dict]:
+            done = []
+            while time.perf_counter() < deadline:
+                done.append(one(next_index()))
+            return done
+
+        stop = threading.Event()
+
+        def sample_memory() -> None:
+            while True:
+                memory.append((time.perf_counter() - started, server_rss_mb(client, base)))
+                if stop.wait(args.memory_every):
+                    return
+
+        sampler = threading.Thread(target=sample_memory, daemon=True)
+        sampler.start()
+        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            results = [r for batch in pool.map(client_loop, range(args.concurrency)) for r in batch]
+        stop.set()
+        sampler.join()
+        memory.append((time.perf_counter() - started, server_rss_mb(client, base)))
     wall = time.perf_counter() - started
     client.close()
 
@@ -146,8 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
         "width": width,
         "height": height,
         "repeat_image": args.repeat_image,
-        "n": args.n,
+        "n": len(results),
         "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "wall_s": wall,
         "ok": len(ok),
         "errors": errors,
         "latency_ms": {
@@ -161,6 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
         "embedding_cached_fraction": (sum(r["cached"] for r in ok) / len(ok)) if ok else None,
         "server_stage_p50_ms": {stage: percentile(values, 50) for stage, values in stages.items()},
     }
+    readings = [mb for _, mb in memory if mb is not None]
+    if readings:
+        report["server_rss_mb"] = {
+            "start": readings[0],
+            "max": max(readings),
+            "end": readings[-1],
+            "samples": [[round(t, 1), mb] for t, mb in memory],
+        }
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return report

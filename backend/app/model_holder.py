@@ -152,8 +152,6 @@ class ModelHolder:
         from training.inference import Predictor
 
         predictor = Predictor.from_bundle(path, device=self.settings.device)
-        if self.settings.embedding_cache_items > 0:
-            predictor.coarse = CachedCoarse(predictor.coarse, self.settings.embedding_cache_items).eval()
         engine = self.settings.inference_engine
         if engine != "torch":
             from backend.app.accelerate import AccelerationError, accelerate_predictor
@@ -163,6 +161,8 @@ class ModelHolder:
             except AccelerationError as error:
                 log.warning("inference engine %r unavailable, serving with torch: %s", engine, error)
                 engine = "torch"
+        if self.settings.embedding_cache_items > 0:  # around the (possibly ONNX) coarse network
+            predictor.coarse = CachedCoarse(predictor.coarse, self.settings.embedding_cache_items).eval()
         return predictor, engine
 
     def load(self, path: str | Path | None, *, source: str = "explicit") -> ServedModel:

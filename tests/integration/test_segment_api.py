@@ -519,7 +519,7 @@ def test_onnx_engine(bundle_path, tmp_path):
         return
     assert results["onnx-ready"]["inference_engine"] == "onnx"
     exported = {p.name.split("-")[0] for p in (tmp_path / "onnx").glob("*.onnx")}
-    assert exported == {"encoder", "decoder"}  # both run in ONNX Runtime
+    assert exported == {"coarse", "encoder", "decoder"}  # all three run in ONNX Runtime
     torch_mask = decode_mask(results["torch"]["refined"]["mask_png"])
     onnx_mask = decode_mask(results["onnx"]["refined"]["mask_png"])
     union = (torch_mask | onnx_mask).sum()

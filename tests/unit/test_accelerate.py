@@ -1,16 +1,18 @@
-"""ONNX Runtime refiner (``backend.app.accelerate``): the exported image encoder and mask decoder
-give the torch outputs, for every prompt combination, and are exported once per set of weights."""
+"""ONNX Runtime inference (``backend.app.accelerate``): the exported coarse TransUNet, image
+encoder and mask decoder give the torch outputs, for every prompt combination, and are exported
+once per set of weights."""
 
 import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_refiner import SIDE, tiny_refiner
+from test_refiner import SIDE, TINY_TRANSUNET, tiny_refiner
 
-from backend.app.accelerate import OnnxImageEncoder, OnnxMaskDecoder, accelerate_predictor
+from backend.app.accelerate import OnnxCoarse, OnnxImageEncoder, OnnxMaskDecoder, accelerate_predictor
 from training.config import RefinerConfig
 from training.modeling.prompts import Prompts
+from training.modeling.transunet import build_transunet
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -25,9 +27,34 @@ def lesion_probs(batch: int) -> torch.Tensor:
     return torch.stack(probs)[:, None]  # B×1×L×L
 
 
+def tiny_coarse():
+    torch.manual_seed(1)
+    return build_transunet(TINY_TRANSUNET).eval()
+
+
+def accelerated_predictor(refiner, engine: str, cache_dir, coarse=None):
+    """What ``accelerate_predictor`` uses of a ``Predictor``, around copies of the networks."""
+    predictor = SimpleNamespace(
+        refiner=copy.deepcopy(refiner),
+        coarse=copy.deepcopy(coarse if coarse is not None else tiny_coarse()),
+        coarse_size=TINY_TRANSUNET.img_size,
+        config=SimpleNamespace(transunet=TINY_TRANSUNET),
+        device="cpu",
+    )
+    return accelerate_predictor(predictor, engine, cache_dir)
+
+
 def accelerated(refiner, engine: str, cache_dir):
-    predictor = SimpleNamespace(refiner=copy.deepcopy(refiner), device="cpu")
-    return accelerate_predictor(predictor, engine, cache_dir).refiner
+    return accelerated_predictor(refiner, engine, cache_dir).refiner
+
+
+def test_onnx_coarse_matches_torch(tmp_path):
+    coarse = tiny_coarse()
+    predictor = accelerated_predictor(tiny_refiner(RefinerConfig(pretrained=False)), "onnx", tmp_path, coarse)
+    assert isinstance(predictor.coarse, OnnxCoarse)
+    images = torch.rand(3, 1, TINY_TRANSUNET.img_size, TINY_TRANSUNET.img_size)
+    with torch.inference_mode():
+        assert torch.allclose(predictor.coarse(images), coarse(images), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -72,15 +99,13 @@ def test_clinician_points_of_any_count(tmp_path):
             assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
 
 
-def test_exported_once_per_weights_and_decoder_stays_fp32(tmp_path):
+def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
     refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
     accelerated(refiner, "onnx-int8", tmp_path)
     files = sorted(p.name for p in tmp_path.glob("*.onnx"))
-    # encoder fp32 + its int8 copy; the decoder only in fp32
-    assert [f.split("-")[0] for f in files] == ["decoder", "encoder", "encoder"]
-    assert sum(f.endswith(".int8.onnx") for f in files) == 1 and not any(
-        f.startswith("decoder") and f.endswith(".int8.onnx") for f in files
-    )
+    # coarse and decoder in fp32; the encoder in fp32 and its int8 copy
+    assert [f.split("-")[0] for f in files] == ["coarse", "decoder", "encoder", "encoder"]
+    assert [f for f in files if f.endswith(".int8.onnx")] == [files[2]]  # "." sorts before "o"
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
 
     accelerated(refiner, "onnx-int8", tmp_path)  # same weights: cached files reused as they are
@@ -91,4 +116,4 @@ def test_exported_once_per_weights_and_decoder_stays_fp32(tmp_path):
         tuned.mask_decoder.iou_token.weight.add_(1.0)
     accelerated(tuned, "onnx", tmp_path)
     names = {p.name for p in tmp_path.glob("*.onnx")}
-    assert len(names) == 4 and len([n for n in names if n.startswith("decoder")]) == 2
+    assert len(names) == 5 and len([n for n in names if n.startswith("decoder")]) == 2

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(32.0, gt=0, description="Largest accepted upload (MiB).")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard.")
     max_concurrency: int = Field(2, ge=1, description="Segmentations computed at once.")
-    max_queue: int = Field(32, ge=0, description="Requests waiting for a slot before 503.")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a slot before 503.")
     embedding_cache_items: int = Field(64, ge=0, description="Server LRU of image embeddings.")
     max_batch_files: int = Field(16, ge=1, description="Most files in one /segment/batch request.")
     max_batch_upload_mb: float = Field(128.0, gt=0, description="Largest accepted /segment/batch body (MiB).")
