@@ -12,6 +12,10 @@ Reported per engine: mean Dice vs the ground truth, its delta to torch, the mean
 with the torch masks, and the median encoder time.
 
     python benchmarks/accuracy_engines.py --n 30 [--model var/models/x.pt] [--prompt box]
+    python benchmarks/accuracy_engines.py --split-file models/default_split.json --prompt coarse
+
+``--split-file`` takes every lesion image of that split's held-out test set (``--n`` is then
+ignored): the figure the serving issue asks for (the Dice drop of an engine on the test split).
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ def box_of(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def lesion_samples(root: Path, n: int) -> list:
+def lesion_samples(root: Path, n: int, split_file: Path | None = None) -> list:
     samples = [s for s in list_samples("busi", root) if s.label != "normal" and s.mask_paths]
+    if split_file is not None:
+        test_ids = set(json.loads(split_file.read_text())["test_ids"])
+        return [s for s in samples if s.id in test_ids]
     # Alternate benign and malignant so a small N still covers both.
     benign = [s for s in samples if s.label == "benign"]
     malignant = [s for s in samples if s.label == "malignant"]
@@ -57,9 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt", choices=["box", "coarse"], default="box")
     parser.add_argument("--engines", default=",".join(ENGINES), help="Comma-separated engines.")
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
+    parser.add_argument("--split-file", type=Path, help="Use every lesion image of this split's test set.")
     args = parser.parse_args(argv)
 
-    samples = lesion_samples(args.root, args.n)
+    samples = lesion_samples(args.root, args.n, args.split_file)
     if not samples:
         raise SystemExit(f"no BUSI lesion images under {args.root}")
     images = [load_image(s.image_path) for s in samples]
@@ -68,7 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
 
     masks: dict[str, list[np.ndarray]] = {}
-    report: dict = {"n_images": len(samples), "prompt": args.prompt, "engines": {}}
+    report: dict = {
+        "n_images": len(samples),
+        "images": "test split" if args.split_file else "first benign/malignant",
+        "prompt": args.prompt,
+        "engines": {},
+    }
     for engine in engines:
         predictor = Predictor.from_bundle(args.model)
         report["model_version"] = predictor.model_version

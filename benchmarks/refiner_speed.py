@@ -4,7 +4,12 @@ Random initialisation (``pretrained=False``) is enough for timing. For each back
 encoder (``Refiner.encode``) and the prompt/mask decoder (``Refiner.forward`` on the embedding,
 prompts derived from a synthetic coarse mask) are timed separately; ``forward_ms`` is their sum.
 
-    python benchmarks/refiner_speed.py --repeats 3
+``--engine onnx|onnx-int8`` runs the ``litemedsam`` encoder and decoder in ONNX Runtime, as the
+server does with that ``INFERENCE_ENGINE`` (:mod:`backend.app.accelerate`; exported into a
+temporary folder first, untimed); ``sam_vit_b`` always runs in eager PyTorch, as
+segment-anything ships it.
+
+    python benchmarks/refiner_speed.py --repeats 3 [--engine onnx-int8]
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,9 +36,14 @@ def synthetic_coarse_probs(side: int) -> torch.Tensor:
     return torch.sigmoid((side * 0.18 - distance) / (side * 0.02))[None, None]
 
 
-def time_backbone(backbone: str, repeats: int, warmup: int) -> dict:
+def time_backbone(backbone: str, repeats: int, warmup: int, engine: str = "torch") -> dict:
     torch.manual_seed(0)
     refiner = build_refiner(RefinerConfig(backbone=backbone, pretrained=False)).eval()
+    parameters = sum(p.numel() for p in refiner.parameters())
+    if engine != "torch":
+        from backend.app.accelerate import accelerate_refiner
+
+        accelerate_refiner(refiner, engine, Path(tempfile.mkdtemp(prefix="refiner-speed-onnx-")))
     side = int(refiner.input_size)
     images = torch.rand(1, 3, side, side)
     coarse = synthetic_coarse_probs(side)
@@ -47,12 +59,12 @@ def time_backbone(backbone: str, repeats: int, warmup: int) -> dict:
             if index >= warmup:
                 encode_ms.append((encoded - started) * 1000.0)
                 decode_ms.append((done - encoded) * 1000.0)
-    parameters = sum(p.numel() for p in refiner.parameters())
     del refiner
     encoder = statistics.median(encode_ms)
     decoder = statistics.median(decode_ms)
     return {
         "backbone": backbone,
+        "engine": engine,
         "input_size": side,
         "parameters": parameters,
         "encoder_ms": round(encoder, 1),
@@ -69,10 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="Timed forwards per backbone (median kept).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed forwards first.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice).")
+    parser.add_argument(
+        "--engine", choices=["torch", "onnx", "onnx-int8"], default="torch", help="Engine of litemedsam."
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lite = time_backbone("litemedsam", args.repeats, args.warmup)
+    lite = time_backbone("litemedsam", args.repeats, args.warmup, args.engine)
     sam = time_backbone("sam_vit_b", args.repeats, args.warmup)
     report = {
         "device": "cpu",

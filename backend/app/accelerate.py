@@ -316,37 +316,55 @@ class OnnxMaskDecoder(nn.Module):
         return mask_tensor, torch.from_numpy(np.concatenate(ious))[:, chosen].to(device)
 
 
+def _check_engine(engine: str, device) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown inference engine {engine!r}; known: {', '.join(ENGINES)}")
+    if engine != "torch" and str(device) != "cpu":
+        raise AccelerationError("the ONNX engines run on the CPU only; use inference_engine='torch' on CUDA")
+
+
+def _onnx_refiner_parts(refiner, engine: Engine, cache_dir: Path) -> tuple[nn.Module, nn.Module]:
+    """ONNX Runtime stand-ins for ``refiner.image_encoder`` and ``refiner.mask_decoder``."""
+    encoder, decoder = refiner.image_encoder, refiner.mask_decoder
+    if not isinstance(encoder, OnnxImageEncoder):
+        path = onnx_encoder_path(encoder, int(refiner.input_size), engine, cache_dir)
+        encoder = OnnxImageEncoder(path, engine)
+    if not isinstance(decoder, OnnxMaskDecoder):
+        embed_dim = int(refiner.prompt_encoder.embed_dim)
+        embed_side = int(refiner.prompt_encoder.image_embedding_size[0])
+        decoder = OnnxMaskDecoder(
+            onnx_decoder_path(decoder, embed_dim, embed_side, engine, cache_dir), engine
+        )
+    return encoder, decoder
+
+
+def accelerate_refiner(refiner, engine: Engine, cache_dir: Path, device="cpu"):
+    """Run a refiner's image encoder and mask decoder in ONNX Runtime (in place); return it."""
+    _check_engine(engine, device)
+    if engine != "torch":
+        refiner.image_encoder, refiner.mask_decoder = _onnx_refiner_parts(refiner, engine, cache_dir)
+    return refiner
+
+
 def accelerate_predictor(predictor, engine: Engine, cache_dir: Path):
     """Run the predictor's coarse TransUNet and the refiner's image encoder and mask decoder in ONNX
     Runtime; return the predictor.
 
     ``engine == "torch"`` leaves it unchanged. ``"onnx"`` runs all three in fp32; ``"onnx-int8"``
-    adds int8 dynamic quantisation of the image encoder's ``MatMul`` nodes (the others stay fp32). Raises
-    :class:`AccelerationError` when the ONNX path cannot be prepared (the caller decides whether to
-    fall back to torch).
+    adds int8 dynamic quantisation of the image encoder's ``MatMul`` nodes (the others stay fp32).
+    Raises :class:`AccelerationError` when the ONNX path cannot be prepared (the caller decides
+    whether to fall back to torch).
     """
+    _check_engine(engine, getattr(predictor, "device", "cpu"))
     if engine == "torch":
         return predictor
-    if engine not in ENGINES:
-        raise ValueError(f"unknown inference engine {engine!r}; known: {', '.join(ENGINES)}")
-    refiner = predictor.refiner
-    if str(getattr(predictor, "device", "cpu")) != "cpu":
-        raise AccelerationError("the ONNX engines run on the CPU only; use inference_engine='torch' on CUDA")
-    coarse, encoder, decoder = predictor.coarse, refiner.image_encoder, refiner.mask_decoder
+    coarse = predictor.coarse
     if not isinstance(coarse, OnnxCoarse):
         size = int(predictor.coarse_size)
         path = onnx_coarse_path(coarse, int(predictor.config.transunet.in_channels), size, cache_dir)
         coarse = OnnxCoarse(path, engine)
-    if not isinstance(encoder, OnnxImageEncoder):
-        path = onnx_encoder_path(encoder, int(refiner.input_size), engine, cache_dir)
-        encoder = OnnxImageEncoder(path, engine)
-    if not isinstance(decoder, OnnxMaskDecoder):
-        embed_dim, embed_side = (
-            refiner.prompt_encoder.embed_dim,
-            refiner.prompt_encoder.image_embedding_size[0],
-        )
-        path = onnx_decoder_path(decoder, int(embed_dim), int(embed_side), engine, cache_dir)
-        decoder = OnnxMaskDecoder(path, engine)
+    encoder, decoder = _onnx_refiner_parts(predictor.refiner, engine, cache_dir)
     # Swapped only once all three are ready, so a failure leaves the predictor on torch.
-    predictor.coarse, refiner.image_encoder, refiner.mask_decoder = coarse, encoder, decoder
+    predictor.coarse = coarse
+    predictor.refiner.image_encoder, predictor.refiner.mask_decoder = encoder, decoder
     return predictor
