@@ -89,6 +89,9 @@ def test_shared_paths_are_the_mounted_volumes():
         mounted = {m.split(":")[1] for m in mounts}
         for variable in ("MODELS_DIR", "RUNS_DIR"):
             assert env[variable] in mounted
+    # The API's ONNX exports live on the shared models volume, not inside one container.
+    assert _env("api")["ONNX_CACHE_DIR"].startswith(_env("api")["MODELS_DIR"] + "/")
+    assert _env("api")["INFERENCE_ENGINE"] == "${INFERENCE_ENGINE:-onnx-int8}"
 
 
 def test_ui_points_at_the_api():
