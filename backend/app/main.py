@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -76,6 +77,45 @@ def _init_store(settings: Settings) -> tuple[bool, Path | None]:
         return True, None
 
 
+def _active_model_path(settings: Settings) -> Path | None:
+    from backend.app.db.crud import get_active_model_path
+    from backend.app.db.session import session_scope
+
+    with session_scope(settings) as session:
+        return get_active_model_path(session)
+
+
+async def follow_active_model(app: FastAPI, settings: Settings, active_at_start: Path | None) -> None:
+    """Keep this replica serving the store's active model.
+
+    ``POST /api/models/{id}/activate`` hot-swaps the replica that receives it; every other API
+    replica sharing the store sees the store's active model change within
+    ``settings.active_model_poll_s`` and loads it. Only a *change* of the store's value triggers a
+    load, so a replica that is itself activating (loaded, not yet committed) is left alone, and a
+    bundle that fails to load is tried once per activation (the replica keeps its current model).
+    """
+    holder: ModelHolder = app.state.model_holder
+    last_seen = active_at_start
+    while True:
+        await anyio.sleep(settings.active_model_poll_s)
+        try:
+            active = await anyio.to_thread.run_sync(_active_model_path, settings)
+        except Exception as error:  # noqa: BLE001 - a store outage must not end the follower
+            log.warning("the active model could not be looked up (%s)", type(error).__name__)
+            continue
+        if active == last_seen:
+            continue
+        last_seen = active
+        served = holder.served
+        if active is None or (served is not None and served.path == active):
+            continue
+        log.info("the store's active model changed; loading %s", active.name)
+        try:
+            await anyio.to_thread.run_sync(partial(holder.load, active, source="store"))
+        except Exception as error:  # noqa: BLE001 - keep serving the current model
+            log.error("the active model %s could not be loaded (%s)", active.name, type(error).__name__)
+
+
 def _lifespan(settings: Settings):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +127,12 @@ def _lifespan(settings: Settings):
         holder: ModelHolder = app.state.model_holder
         if not holder.loaded:  # a test may have installed a predictor already
             await anyio.to_thread.run_sync(holder.load_initial, active_path)
-        yield
+        follow = store_ready and settings.model_path is None and settings.active_model_poll_s > 0
+        async with anyio.create_task_group() as tasks:
+            if follow and isinstance(holder, ModelHolder):
+                tasks.start_soon(follow_active_model, app, settings, active_path)
+            yield
+            tasks.cancel_scope.cancel()
 
     return lifespan
 

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         60.0, gt=0, description="A running run without heartbeat this long is lost."
     )
     worker_queue: str = Field("gpu", description="Celery queue of the training worker.")
+    active_model_poll_s: float = Field(
+        10.0,
+        ge=0,
+        description="How often an API replica checks the store's active model and loads it when it "
+        "changed (activation through another replica); 0 turns the check off.",
+    )
 
 
 @lru_cache

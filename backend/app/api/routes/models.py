@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from functools import partial
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, status
@@ -66,16 +67,16 @@ async def activate_model(
         version = await run_in_threadpool(_activate, session, version_id)
     except Exception:
         if holder is not None and previous is not None:
-            await _load(holder, previous.path)  # None: the shipped default
+            await _load(holder, previous.path, previous.source)  # path None: the shipped default
         raise
     return ModelVersionRead.model_validate(version)
 
 
-async def _load(holder, path: Path | None) -> None:
+async def _load(holder, path: Path | None, source: str = "store") -> None:
     if inspect.iscoroutinefunction(holder.load):
-        await holder.load(path)
+        await holder.load(path, source=source)
     else:
-        await run_in_threadpool(holder.load, path)
+        await run_in_threadpool(partial(holder.load, path, source=source))
 
 
 def _activate(session: Session, version_id: int):
