@@ -97,12 +97,24 @@ class RefinerConfig(_Strict):
         "direct", description="'direct': probabilities → logits in [-10,10]; 'gaussian': blurred mask."
     )
     mask_prompt_scale: float = Field(10.0, gt=0, description="Mask prompt logits are in [-scale, scale].")
+    mask_prompt_sigma: float = Field(
+        2.0, gt=0, description="'gaussian' mask prompt: blur σ in mask-prompt pixels (256 per side)."
+    )
     box_sigma: float = Field(2.5, gt=0, description="Half box side in standard deviations.")
     softargmax_temperature: float = Field(0.05, gt=0, description="Soft-argmax temperature on probabilities.")
     roi_mode: bool = Field(False, description="Crop around the box, refine, paste back with grid_sample.")
     roi_margin: float = Field(0.2, ge=0, description="ROI crop margin as a fraction of the box side.")
+    roi_min_fraction: float = Field(
+        0.125, gt=0, le=1, description="Smallest ROI crop side, as a fraction of the refiner input side."
+    )
+    roi_outside_logit: float = Field(
+        -20.0, lt=0, description="Logit of the refined mask outside the ROI crop when pasted back."
+    )
     selection_tau: float = Field(0.1, gt=0, description="Soft multimask selection: softmax(IoU/τ).")
     gated_residual: bool = Field(False, description="refined = coarse + gate·(refiner − coarse).")
+    gate_init_bias: float = Field(
+        3.0, description="Initial gate bias of the gated residual: sigmoid(3) ≈ 0.95, near the refiner."
+    )
     refine_empty_coarse: bool = Field(
         False,
         description="Inference: refine even when the coarse mask finds no lesion (off: the refiner "

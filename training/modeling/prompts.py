@@ -27,8 +27,6 @@ from training.config import RefinerConfig
 
 #: Mask-prompt side of both registered backbones: 4 × the 64×64 image-embedding side.
 MASK_PROMPT_SIZE = 256
-#: Gaussian mask prompt: blur sigma in mask-prompt pixels.
-GAUSSIAN_MASK_SIGMA = 2.0
 #: Spatial distribution of the mask: an almost-zero mass everywhere keeps an empty mask defined
 #: (its box becomes the whole image) without moving the box of a real lesion.
 _MASS_EPS = 1e-8
@@ -197,17 +195,19 @@ def mask_prompt(
     scale: float,
     size: int = MASK_PROMPT_SIZE,
     valid: torch.Tensor | None = None,
+    sigma: float = RefinerConfig.model_fields["mask_prompt_sigma"].default,
 ) -> torch.Tensor:
     """``B×1×L×L`` probabilities → ``B×1×size×size`` mask-prompt logits in ``[-scale, scale]``.
 
-    ``direct``: ``(2p−1)·scale``; ``gaussian``: the same of the Gaussian-blurred probabilities.
+    ``direct``: ``(2p−1)·scale``; ``gaussian``: the same of the probabilities blurred with σ =
+    ``sigma`` mask-prompt pixels.
     The padding (``valid`` = 0) becomes ``-scale``.
     """
     probs = coarse_probs if valid is None else coarse_probs * valid
     if probs.shape[-1] != size:
         probs = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if mode == "gaussian":
-        probs = _gaussian_blur(probs, GAUSSIAN_MASK_SIGMA)
+        probs = _gaussian_blur(probs, sigma)
     elif mode != "direct":
         raise ValueError(f"unknown mask_prompt_mode {mode!r}; expected 'direct' or 'gaussian'")
     return (2 * probs.clamp(0, 1) - 1) * scale
@@ -247,6 +247,11 @@ def prompts_from_mask(
         prompts.point_labels = torch.tensor(labels, device=coarse_probs.device).expand(batch, -1).clone()
     if cfg.use_mask_prompt:
         prompts.mask_logits = mask_prompt(
-            coarse_probs, cfg.mask_prompt_mode, cfg.mask_prompt_scale, mask_prompt_size, valid
+            coarse_probs,
+            cfg.mask_prompt_mode,
+            cfg.mask_prompt_scale,
+            mask_prompt_size,
+            valid,
+            cfg.mask_prompt_sigma,
         )
     return prompts

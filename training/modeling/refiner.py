@@ -28,13 +28,6 @@ from training.config import RefinerConfig
 from training.data.transforms import REFINER_INPUT_SIZE
 from training.modeling.prompts import Prompts, box_from_mask, mask_prompt, prompts_from_mask, valid_or_ones
 
-#: Logit given to the refined mask outside the ROI crop when it is pasted back.
-_OUTSIDE_ROI_LOGIT = -20.0
-#: ROI crops are at least this fraction of the refiner input side (no absurd zoom on tiny masks).
-_MIN_ROI_FRACTION = 0.125
-#: Initial gate of the gated-residual mode: sigmoid(3) ≈ 0.95, i.e. starts near the refiner output.
-_GATE_INIT_BIAS = 3.0
-
 
 @dataclass
 class RefinerOutput:
@@ -60,11 +53,11 @@ class RefinerOutput:
 class ResidualGate(nn.Module):
     """Per-pixel gate ``sigmoid(conv3×3([coarse_probs, refiner_probs]))``, starting near 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, init_bias: float = RefinerConfig.model_fields["gate_init_bias"].default) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv.weight)
-        nn.init.constant_(self.conv.bias, _GATE_INIT_BIAS)
+        nn.init.constant_(self.conv.bias, init_bias)
 
     def forward(self, coarse_probs: torch.Tensor, refiner_probs: torch.Tensor) -> torch.Tensor:
         """``B×1×L×L`` + ``B×1×L×L`` probabilities → ``B×1×L×L`` gate in (0, 1)."""
@@ -105,7 +98,7 @@ class Refiner(nn.Module):
         self.mask_decoder = mask_decoder
         self.input_size = input_size
         self.backbone = backbone
-        self.gate = ResidualGate() if self.cfg.gated_residual else None
+        self.gate = ResidualGate(self.cfg.gate_init_bias) if self.cfg.gated_residual else None
         for parameter in self.image_encoder.parameters():
             parameter.requires_grad_(False)
         self.image_encoder.eval()
@@ -202,7 +195,7 @@ class Refiner(nn.Module):
         centre = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2], dim=1)
         side = torch.maximum(x1 - x0, y1 - y0) + 1
         half = side * (0.5 + self.cfg.roi_margin)
-        return centre, half.clamp(min=_MIN_ROI_FRACTION * self.input_size / 2)
+        return centre, half.clamp(min=self.cfg.roi_min_fraction * self.input_size / 2)
 
     def _crop_theta(self, centre: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
         """``affine_grid`` theta mapping crop-normalised coords to full-frame-normalised coords."""
@@ -219,7 +212,7 @@ class Refiner(nn.Module):
         return F.grid_sample(full, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _paste_back(self, crop_logits: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """``B×C×L×L`` crop logits → full-frame logits (``_OUTSIDE_ROI_LOGIT`` outside the crop)."""
+        """``B×C×L×L`` crop logits → full-frame logits (``cfg.roi_outside_logit`` outside the crop)."""
         scale, shift = theta[:, 0, 0], theta[:, :, 2]
         zero = torch.zeros_like(scale)
         inverse = torch.stack(
@@ -229,7 +222,8 @@ class Refiner(nn.Module):
             ],
             dim=1,
         )
-        return self._to_crop(crop_logits - _OUTSIDE_ROI_LOGIT, inverse) + _OUTSIDE_ROI_LOGIT
+        outside = self.cfg.roi_outside_logit
+        return self._to_crop(crop_logits - outside, inverse) + outside
 
     def _prompts_to_crop(self, prompts: Prompts, centre: torch.Tensor, half: torch.Tensor) -> Prompts:
         """Sparse prompts (full-frame pixel coords) → crop pixel coords."""
@@ -321,7 +315,11 @@ class Refiner(nn.Module):
             if derived:  # re-derive from the cropped probabilities (full refiner resolution)
                 crop_probs = self._to_crop(coarse_probs if valid is None else coarse_probs * valid, theta)
                 crop_prompts.mask_logits = mask_prompt(
-                    crop_probs, self.cfg.mask_prompt_mode, self.cfg.mask_prompt_scale, self.mask_prompt_size
+                    crop_probs,
+                    self.cfg.mask_prompt_mode,
+                    self.cfg.mask_prompt_scale,
+                    self.mask_prompt_size,
+                    sigma=self.cfg.mask_prompt_sigma,
                 )
             else:  # crop the given mask prompt; outside the frame is background (-scale)
                 floor = -self.cfg.mask_prompt_scale
