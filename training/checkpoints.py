@@ -194,7 +194,7 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> d
 
 def bundle_config(bundle: dict) -> TrainingConfig:
     """The :class:`TrainingConfig` stored in a bundle or checkpoint (environment variables ignored)."""
-    return TrainingConfig.model_validate(bundle["config"])
+    return TrainingConfig.from_stored(bundle["config"])
 
 
 def bundle_metadata(bundle: dict) -> dict:

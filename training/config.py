@@ -199,6 +199,11 @@ class EndToEndConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision (CUDA only).")
 
 
+#: Top-level fields of earlier versions that stored configs may still hold (ignored on load):
+#: ``num_workers`` (data is preloaded in memory; there never was a DataLoader pool).
+RETIRED_FIELDS = frozenset({"num_workers"})
+
+
 class TrainingConfig(BaseSettings):
     """Everything one training run needs. Stored verbatim in every checkpoint and bundle."""
 
@@ -206,12 +211,18 @@ class TrainingConfig(BaseSettings):
         env_prefix="ULTRAREFINER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
 
+    @classmethod
+    def from_stored(cls, data: dict) -> TrainingConfig:
+        """Validate a config stored earlier (bundle, run directory, run store): the top-level
+        fields in :data:`RETIRED_FIELDS`, which this version no longer has, are dropped; anything
+        else unknown is still an error."""
+        return cls.model_validate({k: v for k, v in data.items() if k not in RETIRED_FIELDS})
+
     config_name: ConfigName = Field("compact", description="Named configuration: compact (CPU) or full.")
     phases: list[Phase] = Field(list(ALL_PHASES), description="Phases to run, in order.")
     device: Device = Field("auto", description="auto = CUDA when present, else CPU.")
     output_dir: Path = Field(REPO_ROOT / "runs" / "default", description="Checkpoints, split, reports.")
     cache_dir: Path = Field(REPO_ROOT / ".cache" / "embeddings", description="Image-embedding cache.")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
     data: DataConfig = Field(default_factory=DataConfig)
     transunet: TransUNetConfig = Field(default_factory=lambda: TransUNetConfig.named("compact"))
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)

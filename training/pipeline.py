@@ -279,7 +279,7 @@ def assemble_bundle(run_dir: Path, cfg: TrainingConfig | None = None) -> dict | 
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json)")
-        cfg = TrainingConfig.model_validate(read_json(config_path))
+        cfg = TrainingConfig.from_stored(read_json(config_path))
     sources = final_model_sources(run_dir)
     if sources["coarse"] is None:
         return None

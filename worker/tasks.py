@@ -359,7 +359,7 @@ def execute_run(
         start_progress = float(run.progress or 0.0)
 
     try:
-        cfg = TrainingConfig.model_validate(stored_config)
+        cfg = TrainingConfig.from_stored(stored_config)
         device = cfg.resolved_device()
     except (ValidationError, RuntimeError) as exc:
         log.exception("run %s has an unusable config", run_id)

@@ -135,3 +135,16 @@ def test_incomplete_bundle(untrained, tmp_path):
     torch.save({k: v for k, v in untrained.items() if k != "metrics"}, path)
     with pytest.raises(BundleError, match="missing metrics"):
         load_bundle(path)
+
+
+def test_bundles_of_earlier_versions_with_retired_fields_still_load(untrained, tmp_path):
+    """``num_workers`` was a top-level field once; stored configs holding it load, other unknown
+    fields are still rejected, and a user cannot set the retired field on a new config."""
+    path = tmp_path / "older.pt"
+    torch.save(untrained | {"config": untrained["config"] | {"num_workers": 0}}, path)
+    assert bundle_config(load_bundle(path)) == bundle_config(untrained)
+    torch.save(untrained | {"config": untrained["config"] | {"num_wrokers": 0}}, path)
+    with pytest.raises(BundleError, match="invalid training config"):
+        load_bundle(path)
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainingConfig(num_workers=2)
