@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -611,6 +613,80 @@ def _limit(megabytes: float) -> int:
     return int(megabytes * MIB)
 
 
+def _single_job(parts, settings, format, segments, frame, points, box) -> Job:
+    """The one image of a ``/segment`` request (with its clinician prompts) as a :class:`Job`."""
+    files = [p for p in parts if p.name == "file"]
+    if not files:
+        raise SegmentError(422, "missing multipart part 'file' with the image")
+    if len(files) > 1:
+        raise SegmentError(422, "send exactly one part 'file' (use /segment/batch for several images)")
+    upload = files[0]
+    point_prompt = parse_points(_field(parts, "points") or points, settings.max_points)
+    job = Job(
+        data=bytes(upload.data),
+        filename=upload.filename,
+        content_type=upload.content_type,
+        frame=_frame(frame, parts),
+        prompts=ClinicianPrompts(
+            points=point_prompt[0] if point_prompt else None,
+            point_labels=point_prompt[1] if point_prompt else None,
+            box=parse_box(_field(parts, "box") or box),
+        ),
+        output=format,
+        segments=segments,
+    )
+    upload.data.clear()
+    if format == "dicom-seg" and job.data and sniff_kind(job.data) not in (None, "dicom"):
+        raise SegmentError(415, "format=dicom-seg needs a DICOM upload; this file is not DICOM")
+    return job
+
+
+@asynccontextmanager
+async def _admitted(request: Request) -> AsyncIterator[Admission]:
+    """A slot of the request admission (503 ``SegmentError`` when the queue is full), released on exit."""
+    admission: Admission = request.app.state.admission
+    admission.enter()
+    try:
+        yield admission
+    finally:
+        admission.leave()
+
+
+async def _read_parts(request: Request, settings, total_mb: float) -> list:
+    """The multipart parts: at most ``total_mb`` in all, each file at most ``max_upload_mb``."""
+    return await read_multipart(
+        request,
+        limit_bytes=_limit(total_mb) + _ENVELOPE_BYTES,
+        file_limit_bytes=_limit(settings.max_upload_mb),
+    )
+
+
+def _batch_jobs(parts, settings, frame) -> list[tuple[int, Job]]:
+    """The images of a ``/segment/batch`` request as indexed :class:`Job` s."""
+    uploads = [p for p in parts if p.name in ("files", "file")]
+    if not uploads:
+        raise SegmentError(422, "missing multipart parts 'files' with the images")
+    if len(uploads) > settings.max_batch_files:
+        raise SegmentError(413, f"too many files: {len(uploads)} (at most {settings.max_batch_files})")
+    frame_value = _frame(frame, parts)
+    jobs = [
+        (
+            index,
+            Job(
+                data=bytes(part.data),
+                filename=part.filename,
+                content_type=part.content_type,
+                frame=frame_value,
+                prompts=ClinicianPrompts(),
+            ),
+        )
+        for index, part in enumerate(uploads)
+    ]
+    for part in uploads:
+        part.data.clear()
+    return jobs
+
+
 @router.post(
     "/segment",
     response_model=SegmentResponse,
@@ -646,45 +722,14 @@ async def segment(
     pixel coordinates) replace the prompts derived from the coarse mask. A repeated image reuses its
     cached embedding (`embedding_cached: true`), so new prompts on the same image are fast.
     """
-    admission: Admission = request.app.state.admission
     try:
-        admission.enter()
-    except SegmentError as error:
-        return error_response(error)
-    try:
-        parts = await read_multipart(
-            request,
-            limit_bytes=_limit(settings.max_upload_mb) + _ENVELOPE_BYTES,
-            file_limit_bytes=_limit(settings.max_upload_mb),
-        )
-        files = [p for p in parts if p.name == "file"]
-        if not files:
-            raise SegmentError(422, "missing multipart part 'file' with the image")
-        if len(files) > 1:
-            raise SegmentError(422, "send exactly one part 'file' (use /segment/batch for several images)")
-        upload = files[0]
-        point_prompt = parse_points(_field(parts, "points") or points, settings.max_points)
-        job = Job(
-            data=bytes(upload.data),
-            filename=upload.filename,
-            content_type=upload.content_type,
-            frame=_frame(frame, parts),
-            prompts=ClinicianPrompts(
-                points=point_prompt[0] if point_prompt else None,
-                point_labels=point_prompt[1] if point_prompt else None,
-                box=parse_box(_field(parts, "box") or box),
-            ),
-            output=format,
-            segments=segments,
-        )
-        upload.data.clear()
-        if format == "dicom-seg" and job.data and sniff_kind(job.data) not in (None, "dicom"):
-            raise SegmentError(415, "format=dicom-seg needs a DICOM upload; this file is not DICOM")
-        result, queue_ms = await admission.run(run_job, holder, settings, job)
+        async with _admitted(request) as admission:
+            parts = await _read_parts(request, settings, settings.max_upload_mb)
+            result, queue_ms = await admission.run(
+                run_job, holder, settings, _single_job(parts, settings, format, segments, frame, points, box)
+            )
     except (SegmentError, ImageError) as error:
         return error_response(error)
-    finally:
-        admission.leave()
 
     result.response.timings_ms.queue = round(queue_ms, 2)
     STAGE_LATENCY.labels(stage="queue").observe(queue_ms / 1000.0)
@@ -719,43 +764,12 @@ async def segment_batch(
     A file that cannot be decoded does not fail the batch: its item carries the status code and
     detail that `/segment` would have answered.
     """
-    admission: Admission = request.app.state.admission
     try:
-        admission.enter()
-    except SegmentError as error:
-        return error_response(error)
-    try:
-        parts = await read_multipart(
-            request,
-            limit_bytes=_limit(settings.max_batch_upload_mb) + _ENVELOPE_BYTES,
-            file_limit_bytes=_limit(settings.max_upload_mb),
-        )
-        uploads = [p for p in parts if p.name in ("files", "file")]
-        if not uploads:
-            raise SegmentError(422, "missing multipart parts 'files' with the images")
-        if len(uploads) > settings.max_batch_files:
-            raise SegmentError(413, f"too many files: {len(uploads)} (at most {settings.max_batch_files})")
-        frame_value = _frame(frame, parts)
-        jobs = [
-            (
-                index,
-                Job(
-                    data=bytes(part.data),
-                    filename=part.filename,
-                    content_type=part.content_type,
-                    frame=frame_value,
-                    prompts=ClinicianPrompts(),
-                ),
-            )
-            for index, part in enumerate(uploads)
-        ]
-        for part in uploads:
-            part.data.clear()
-        items, _ = await admission.run(run_batch, holder, settings, jobs)
+        async with _admitted(request) as admission:
+            parts = await _read_parts(request, settings, settings.max_batch_upload_mb)
+            items, _ = await admission.run(run_batch, holder, settings, _batch_jobs(parts, settings, frame))
     except (SegmentError, ImageError) as error:
         return error_response(error)
-    finally:
-        admission.leave()
     n_ok = sum(1 for item in items if item.status_code == 200)
     return BatchResponse(
         model_version=holder.model_version or "", items=items, n_ok=n_ok, n_failed=len(items) - n_ok
