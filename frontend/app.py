@@ -586,6 +586,15 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         # -- runs --------------------------------------------------------------------------
         def refresh_runs(token, selected, runs_sig, detail_sig, force: bool) -> dict:
             client = client_for(token)
+            # The selected run's detail is read before the list, so the table is never older than
+            # the detail shown beside it (a run that just succeeded is "succeeded" in both).
+            detail = None
+            if selected:
+                try:
+                    detail = detail_values(client, str(selected), detail_sig, force)
+                except BackendError as error:
+                    if error.status_code != 404:  # a run gone from the store: the list decides below
+                        raise
             runs = client.list_runs()
             out: dict = {}
             sig = _signature(runs)
@@ -594,6 +603,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 ids = [value for _, value in choices]
                 if selected not in ids:
                     selected = ids[0] if ids else None
+                    detail = detail_values(client, str(selected), detail_sig, force) if selected else None
                 out.update(
                     {
                         runs_table: views.run_rows(runs),
@@ -601,8 +611,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                         runs_sig_state: sig,
                     }
                 )
-            if selected:
-                out.update(detail_values(client, str(selected), detail_sig, force))
+            if detail:
+                out.update(detail)
             if force:
                 out[status] = ""
             return out

@@ -302,8 +302,8 @@ def test_admin_ui_end_to_end(stack, page):
         if time.monotonic() > deadline:
             pytest.fail(f"the run did not succeed in {RUN_TIMEOUT_S:.0f} s: {summary}\n{stack.logs()}")
         time.sleep(2)
-    table = page.locator("#runs-table").inner_text()
-    assert "succeeded" in table
+    # The table is refreshed in the same update as the detail (read after it): no older status.
+    _wait_text(page, "#runs-table", "succeeded", timeout=5)
     if not shot_running:
         _shot(page, "runs")
     folds = _wait_text(page, "#folds-table", "coarse", timeout=30)
