@@ -601,16 +601,18 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
             if force or sig != runs_sig:
                 choices = views.run_choices(runs)
                 ids = [value for _, value in choices]
+                reselect = selected not in ids
+                if reselect:
+                    selected = ids[0] if ids else None
+                    detail = detail_values(client, str(selected), detail_sig, force) if selected else None
                 # A periodic refresh only sets the selection when it has none (or a vanished run):
                 # its inputs may predate a selection made meanwhile (e.g. a launch), which it must
                 # not undo.
-                select = gr.update(choices=choices)
-                if selected not in ids:
-                    selected = ids[0] if ids else None
-                    detail = detail_values(client, str(selected), detail_sig, force) if selected else None
-                    select = gr.update(choices=choices, value=selected)
-                elif force:
-                    select = gr.update(choices=choices, value=selected)
+                select = (
+                    gr.update(choices=choices, value=selected)
+                    if force or reselect
+                    else gr.update(choices=choices)
+                )
                 out.update({runs_table: views.run_rows(runs), run_select: select, runs_sig_state: sig})
             if detail:
                 out.update(detail)

@@ -194,9 +194,7 @@ def onnx_encoder_path(encoder: nn.Module, input_size: int, engine: Engine, cache
     return _cached_onnx(stem, engine, cache_dir, lambda path: export_encoder(encoder, input_size, path))
 
 
-def onnx_decoder_path(
-    decoder: nn.Module, embed_dim: int, embed_side: int, engine: Engine, cache_dir: Path
-) -> Path:
+def onnx_decoder_path(decoder: nn.Module, embed_dim: int, embed_side: int, cache_dir: Path) -> Path:
     """The cached fp32 ONNX file of the mask ``decoder`` (for either ONNX engine); keyed by its
     (fine-tuned) weights, so every model gets its own file."""
     stem = f"decoder-{embed_side}-{weights_fingerprint(decoder, f'{embed_dim}x{embed_side}')}"
@@ -240,19 +238,25 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
 
 
-class OnnxPerSample(nn.Module):
-    """Drop-in one-input module run by ONNX Runtime: ``B×…`` float tensor → ``B×…``.
+class _OnnxModule(nn.Module):
+    """An ONNX Runtime session standing in for a torch module.
 
-    The graph is exported at batch 1, so a batch is run one sample at a time.
     ``InferenceSession.run`` is thread-safe, so one instance serves concurrent requests.
     """
 
-    def __init__(self, path: Path, engine: Engine, num_threads: int | None = None) -> None:
+    def __init__(self, path: Path, num_threads: int | None = None) -> None:
         super().__init__()
         self.session = _session(path, num_threads)
-        self.input_name = self.session.get_inputs()[0].name
         self.path = Path(path)
-        self.engine = engine
+
+
+class OnnxPerSample(_OnnxModule):
+    """Drop-in one-input module: ``B×…`` float tensor → ``B×…``; the graph is exported at batch 1,
+    so a batch is run one sample at a time."""
+
+    def __init__(self, path: Path, num_threads: int | None = None) -> None:
+        super().__init__(path, num_threads)
+        self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         outputs = [self.session.run(None, {self.input_name: _numpy(item[None])})[0] for item in inputs]
@@ -267,18 +271,12 @@ class OnnxCoarse(OnnxPerSample):
     """The coarse TransUNet: ``B×1×S×S`` → ``B×2×S×S`` logits."""
 
 
-class OnnxMaskDecoder(nn.Module):
+class OnnxMaskDecoder(_OnnxModule):
     """Drop-in SAM mask decoder (same ``forward`` contract as ``MaskDecoder``) via ONNX Runtime.
 
     The graph holds ``predict_masks`` for one image; batches are run one sample at a time, and the
     single-/multi-mask selection is the same slicing as SAM's ``MaskDecoder.forward``.
     """
-
-    def __init__(self, path: Path, engine: Engine, num_threads: int | None = None) -> None:
-        super().__init__()
-        self.session = _session(path, num_threads)
-        self.path = Path(path)
-        self.engine = engine
 
     def forward(
         self,
@@ -328,13 +326,11 @@ def _onnx_refiner_parts(refiner, engine: Engine, cache_dir: Path) -> tuple[nn.Mo
     encoder, decoder = refiner.image_encoder, refiner.mask_decoder
     if not isinstance(encoder, OnnxImageEncoder):
         path = onnx_encoder_path(encoder, int(refiner.input_size), engine, cache_dir)
-        encoder = OnnxImageEncoder(path, engine)
+        encoder = OnnxImageEncoder(path)
     if not isinstance(decoder, OnnxMaskDecoder):
         embed_dim = int(refiner.prompt_encoder.embed_dim)
         embed_side = int(refiner.prompt_encoder.image_embedding_size[0])
-        decoder = OnnxMaskDecoder(
-            onnx_decoder_path(decoder, embed_dim, embed_side, engine, cache_dir), engine
-        )
+        decoder = OnnxMaskDecoder(onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir))
     return encoder, decoder
 
 
@@ -362,7 +358,7 @@ def accelerate_predictor(predictor, engine: Engine, cache_dir: Path):
     if not isinstance(coarse, OnnxCoarse):
         size = int(predictor.coarse_size)
         path = onnx_coarse_path(coarse, int(predictor.config.transunet.in_channels), size, cache_dir)
-        coarse = OnnxCoarse(path, engine)
+        coarse = OnnxCoarse(path)
     encoder, decoder = _onnx_refiner_parts(predictor.refiner, engine, cache_dir)
     # Swapped only once all three are ready, so a failure leaves the predictor on torch.
     predictor.coarse = coarse
