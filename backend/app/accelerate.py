@@ -198,8 +198,8 @@ def onnx_decoder_path(decoder: nn.Module, embed_dim: int, embed_side: int, cache
     """The cached fp32 ONNX file of the mask ``decoder`` (for either ONNX engine); keyed by its
     (fine-tuned) weights, so every model gets its own file."""
     stem = f"decoder-{embed_side}-{weights_fingerprint(decoder, f'{embed_dim}x{embed_side}')}"
-    # Always fp32: the fp32 graph matches torch to ~1e-5, and int8 MatMuls saved only ~15 ms more
-    # (65 → 50 ms on one thread) at a measurable change of the masks.
+    # Always fp32: the fp32 graph matches torch to ~1e-5 (tests/unit/test_accelerate.py); int8
+    # MatMuls saved little in an ad-hoc timing and changed the masks.
     return _cached_onnx(
         stem, "onnx", cache_dir, lambda path: export_mask_decoder(decoder, embed_dim, embed_side, path)
     )
@@ -209,7 +209,7 @@ def onnx_coarse_path(coarse: nn.Module, in_channels: int, img_size: int, cache_d
     """The cached fp32 ONNX file of the coarse TransUNet (for either ONNX engine)."""
     shape_key = f"{in_channels}x{img_size}"
     stem = f"coarse-{img_size}-{weights_fingerprint(coarse, shape_key)}"
-    # fp32: matches torch to ~1e-5; int8 saved ~5 ms of ~40 (one thread).
+    # fp32: matches torch to ~1e-5 (tests/unit/test_accelerate.py); int8 saved little ad hoc.
     return _cached_onnx(
         stem, "onnx", cache_dir, lambda path: export_coarse(coarse, in_channels, img_size, path)
     )
@@ -226,7 +226,7 @@ def _session(path: Path, num_threads: int | None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     # Three sessions run one after the other per request: idle workers that spin (ORT's default)
-    # steal the cores of the next session (measured: 615 → 490 ms per new image on 2 cores).
+    # steal the cores of the next session (server p50 552 → 497 ms per new image on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
