@@ -43,6 +43,9 @@ class Prediction:
     iou: float  # the refiner's predicted IoU of the selected mask
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess/coarse/encoder/decoder/total
     prompts: dict = field(default_factory=dict)  # the prompts used, in native pixel coordinates
+    #: ``1×256×E×E`` image embedding when this call computed it (for the caller's cache); None when
+    #: it was passed in, or when the encoder was skipped (no coarse lesion, no clinician prompts).
+    embedding: torch.Tensor | None = None
 
     def coarse_mask(self, threshold: float = 0.5) -> np.ndarray:
         return self.coarse_probs >= threshold
@@ -182,10 +185,13 @@ class Predictor:
         ``points`` (N×2, x/y) with ``point_labels`` (N; 1 lesion, 0 background; default all 1) and
         ``box`` (x0, y0, x1, y1) are native pixel coordinates; given any of them, they replace the
         prompts derived from the coarse mask. ``embedding`` (from :meth:`embed` of the same image)
-        skips the image encoder.
+        skips the image encoder; without it the encoder runs only when there is something to
+        refine (a coarse lesion or clinician prompts), and the result carries the embedding it
+        computed so a caller can cache it.
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
+        computed = None
         with torch.inference_mode():
             coarse_image = coarse_input(image, self.coarse_size).to(self.device)[None]  # 1×1×S×S
             refiner_image, geometry = refiner_input(image, self.backbone)
@@ -211,7 +217,7 @@ class Predictor:
                 mark = self._lap(timings, "encoder", mark)
             else:
                 if embedding is None:
-                    embedding = self.refiner.encode(refiner_image)
+                    embedding = computed = self.refiner.encode(refiner_image)
                 else:
                     embedding = self._check_embedding(embedding)
                 mark = self._lap(timings, "encoder", mark)
@@ -234,6 +240,7 @@ class Predictor:
             iou=iou,
             timings_ms=timings,
             prompts=prompts,
+            embedding=computed,
         )
 
     # ------------------------------------------------------------------ helpers

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -154,6 +155,41 @@ def test_repeated_image_uses_embedding_cache_and_new_prompts(client):
     third = post_image(client, data, params={"box": json.dumps([50, 40, 200, 160])}).json()
     assert third["embedding_cached"] is True
     assert third["prompts"]["box"] == pytest.approx([50, 40, 200, 160], abs=1.0)
+
+
+class _NoLesionCoarse(torch.nn.Module):
+    """A coarse segmenter that never finds a lesion (background logit 10, lesion logit −10)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        return torch.stack([torch.full((batch, height, width), v) for v in (10.0, -10.0)], 1)
+
+
+def test_no_coarse_lesion_skips_the_encoder_until_prompts_need_it(bundle_path, tmp_path):
+    from training.inference import Predictor
+
+    predictor = Predictor.from_bundle(bundle_path)
+    predictor.coarse = _NoLesionCoarse()
+    app = create_app(make_settings(tmp_path, bundle_path))
+    with TestClient(app) as api:
+        app.state.model_holder.set_predictor(predictor)
+        encodes = []
+        encode = predictor.refiner.encode
+        predictor.refiner.encode = lambda images: encodes.append(1) or encode(images)
+        data = busi_images(1, "normal")[0].read_bytes()
+        first = post_image(api, data).json()
+        assert encodes == [] and first["refined"]["area_px"] == 0 and first["embedding_cached"] is False
+        assert len(app.state.model_holder.cache) == 0  # nothing computed, nothing cached
+        point = {"points": json.dumps([[100, 80, 1]])}
+        second = post_image(api, data, form=point).json()  # a clinician prompt: now it is encoded
+        assert (
+            encodes == [1]
+            and second["embedding_cached"] is False
+            and second["prompts"]["source"] == "clinician"
+        )
+        third = post_image(api, data, form=point).json()
+        assert encodes == [1] and third["embedding_cached"] is True
+        assert third["refined"]["mask_png"] == second["refined"]["mask_png"]
 
 
 def test_overlay_png(client):
@@ -439,7 +475,7 @@ def test_api_key_and_admin_token_answer_401_before_the_body(bundle_path, tmp_pat
 
 
 class BlockingPredictor:
-    """A stand-in predictor whose ``embed`` blocks until released (to fill the queue)."""
+    """A stand-in predictor whose ``predict`` blocks until released (to fill the queue)."""
 
     model_version = "blocking-test"
     untrained = True
@@ -448,16 +484,11 @@ class BlockingPredictor:
         self.release = threading.Event()
         self.entered = threading.Event()
 
-    def embed(self, image):
-        import torch
-
-        self.entered.set()
-        self.release.wait(30)
-        return torch.zeros(1, 256, 64, 64)
-
     def predict(self, image, *, embedding=None, points=None, point_labels=None, box=None):
         from training.inference import Prediction
 
+        self.entered.set()
+        self.release.wait(30)
         height, width = np.asarray(image).shape[:2]
         probs = np.zeros((height, width), np.float32)
         probs[: height // 2] = 1

@@ -59,10 +59,14 @@ def test_prediction_at_native_resolution(prediction, image, embedding):
     assert {"points", "point_labels", "box"} <= set(prediction.prompts)  # derived prompts, native coords
 
 
-def test_predict_without_embedding_matches(predictor, image, prediction):
+def test_predict_without_embedding_matches(predictor, image, embedding, prediction):
     full = predictor.predict(image)
     np.testing.assert_allclose(full.refined_probs, prediction.refined_probs, atol=1e-5)
     np.testing.assert_allclose(full.coarse_probs, prediction.coarse_probs, atol=1e-6)
+    # The embedding it computed comes back for the caller's cache; a given one is not echoed.
+    assert full.embedding is not None
+    torch.testing.assert_close(full.embedding, embedding, atol=1e-5, rtol=0)
+    assert prediction.embedding is None
 
 
 def test_coarse_path_is_the_shared_preprocessing(predictor, image, prediction):
@@ -153,6 +157,7 @@ def test_empty_coarse_mask_is_not_refined_and_skips_the_encoder(predictor, image
     monkeypatch.setattr(predictor.refiner, "encode", lambda images: calls.append(images) or None)
     prediction = predictor.predict(image)
     assert not calls  # no lesion to refine: the image encoder is not run
+    assert prediction.embedding is None
     assert prediction.refined_probs.max() < 0.5 and prediction.coarse_probs.max() < 0.5
     np.testing.assert_array_equal(prediction.refined_probs, prediction.coarse_probs)
     assert prediction.iou == 0.0 and prediction.prompts == {}

@@ -437,13 +437,10 @@ def run_job(holder, settings, job: Job) -> JobResult:
     embedding = holder.cache.get(key)
     cached = embedding is not None
     EMBEDDING_CACHE.labels(result="hit" if cached else "miss").inc()
-    encoder_ms = 0.0
     try:
-        if embedding is None:
-            mark = time.perf_counter()
-            embedding = predictor.embed(decoded.pixels)
-            encoder_ms = (time.perf_counter() - mark) * 1000.0
-            holder.cache.put(key, embedding)
+        # The coarse model runs first: on an image where it finds no lesion (and no clinician
+        # prompt asks for one) the image encoder is not run at all; its embedding is computed,
+        # and cached, when a later request with prompts needs it.
         prompts = job.prompts
         prediction = predictor.predict(
             decoded.pixels,
@@ -452,6 +449,8 @@ def run_job(holder, settings, job: Job) -> JobResult:
             point_labels=prompts.point_labels,
             box=prompts.box,
         )
+        if prediction.embedding is not None:
+            holder.cache.put(key, prediction.embedding)
     except ValueError as error:  # the model refused this input (shape, prompts)
         log.warning("the model rejected an input (%s)", type(error).__name__)
         raise SegmentError(422, f"the model could not process this image ({type(error).__name__})") from None
@@ -499,7 +498,7 @@ def run_job(holder, settings, job: Job) -> JobResult:
         decode=round(decode_ms, 2),
         preprocess=round(model_ms.get("preprocess", 0.0) + hash_ms, 2),
         coarse=round(model_ms.get("coarse", 0.0), 2),
-        encoder=round(model_ms.get("encoder", 0.0) + encoder_ms, 2),
+        encoder=round(model_ms.get("encoder", 0.0), 2),
         decoder=round(model_ms.get("decoder", 0.0), 2),
         encode_response=round(encode_ms, 2),
         total=round((time.perf_counter() - started) * 1000.0, 2),
