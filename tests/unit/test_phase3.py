@@ -147,7 +147,8 @@ class StopAfterSteps(TrainingCallback):
 
     def on_event(self, event) -> None:
         self.recorder.on_event(event)
-        if event.kind == "step" and event.phase == self.phase and event.steps:
+        # training steps only (an embedding pass also reports steps, with no epoch)
+        if event.kind == "step" and event.phase == self.phase and event.steps and event.epoch is not None:
             self.remaining -= 1
 
     def should_stop(self) -> bool:
@@ -212,3 +213,43 @@ def test_refined_loss_in_refiner_space_or_at_native_resolution(make_tiny_config,
     assert losses["bce"].item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-4)  # p = 0.5
     losses["total"].backward()
     assert refined_logits.grad is not None and refined_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.slow  # runs training phases (tens of seconds on 2 CPU cores)
+@pytest.mark.parametrize(
+    ("phase", "folder", "section"),
+    [("refiner", "refiner", "refiner_train"), ("end-to-end", "end_to_end", "end_to_end")],
+)
+def test_phases_2b_and_3_resume_where_they_were_cancelled(
+    phase1_run, tmp_path, make_tiny_config, fast_refiner_encoder, phase, folder, section
+):
+    def config(name: str):
+        run = tmp_path / name
+        shutil.copytree(phase1_run, run)
+        return make_tiny_config(
+            run, phases=["augment", "refiner", "end-to-end"], **{section: {"epochs": 2, "batch_size": 1}}
+        )
+
+    cfg = config("cancelled")
+    stopper = StopAfterSteps(phase, 2)
+    with pytest.raises(TrainingCancelled):
+        run_training(cfg, stopper)
+    last = load_checkpoint(cfg.output_dir / folder / "last.pt")
+    assert (last["epoch"], last["step"]) == (0, 2) and last["history"] == []
+
+    recorder = EventRecorder()
+    run_training(cfg, recorder, resume=True)
+    steps = _training_steps(recorder, phase)
+    assert (steps[0].epoch, steps[0].step) == (0, 2)  # continued, not restarted
+    assert not [e for e in recorder.events if e.phase == phase and e.kind == "evaluation" and e.epoch is None]
+
+    straight = config("straight")
+    run_training(straight)
+    resumed = load_checkpoint(cfg.output_dir / folder / "last.pt")
+    uninterrupted = load_checkpoint(straight.output_dir / folder / "last.pt")
+    assert (resumed["epoch"], resumed["step"]) == (uninterrupted["epoch"], uninterrupted["step"]) == (2, 0)
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1]
+    assert resumed["best"]["epoch"] == uninterrupted["best"]["epoch"]
+    for key, value in uninterrupted["refiner"].items():
+        torch.testing.assert_close(resumed["refiner"][key], value, rtol=1e-5, atol=1e-6)
+    assert resumed["elapsed_s"] > 0

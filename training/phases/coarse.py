@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 import torch
@@ -35,11 +34,10 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
+    TrainState,
     batches,
     epoch_order,
     read_json,
-    rng_state,
-    set_rng_state,
     step_generator,
     write_json,
 )
@@ -184,38 +182,24 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     schedule = StepSchedule(
         optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
     )
-    start_epoch, start_step, history = 0, 0, []
-    best = {"epoch": None, "dice": None}
-    elapsed_before = 0.0
-    last_path = fold_dir / "last.pt"
-    if ctx.resume and last_path.is_file():
-        checkpoint = load_checkpoint(last_path, map_location=ctx.device)
+    train_state, checkpoint = TrainState.restore(fold_dir / "last.pt", ctx, {"epoch": None, "dice": None})
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
-        set_rng_state(checkpoint.get("rng"))
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        history, best = checkpoint["history"], checkpoint["best"]
-        elapsed_before = checkpoint.get("elapsed_s", 0.0)
-        log.info("fold %d: resuming at epoch %d step %d", fold, start_epoch, start_step)
-
-    started = time.monotonic()
+        log.info("fold %d: resuming at epoch %d step %d", fold, train_state.epoch, train_state.step)
+    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
 
     def save_last(epoch: int, step: int) -> None:
-        save_checkpoint(
-            last_path,
+        train_state.save(
+            epoch,
+            step,
+            cfg,
             phase=PHASE,
             fold=fold,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(),
-            epoch=epoch,
-            step=step,
-            history=history,
-            best=best,
-            rng=rng_state(),
-            elapsed_s=elapsed_before + time.monotonic() - started,
-            config=cfg.model_dump(mode="json"),
         )
 
     ctx.emit(
@@ -270,8 +254,8 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
         }
         history.append(entry)
         score = -1.0 if dice is None else dice
-        if best["epoch"] is None or score > best["dice_score"]:
-            best = {"epoch": epoch, "dice": dice, "dice_score": score}
+        if train_state.best["epoch"] is None or score > train_state.best["dice_score"]:
+            train_state.best = {"epoch": epoch, "dice": dice, "dice_score": score}
             save_checkpoint(
                 fold_dir / "best.pt",
                 phase=PHASE,
@@ -296,7 +280,7 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
             },
             dice=dice,
             lr=entry["lr"],
-            extra={"best_epoch": best["epoch"], "best_dice": best["dice"]},
+            extra={"best_epoch": train_state.best["epoch"], "best_dice": train_state.best["dice"]},
         )
         log.info(
             "coarse fold %d epoch %d/%d: train loss %.4f, val Dice %s",
@@ -310,14 +294,14 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     summary = {
         "phase": PHASE,
         "fold": fold,
-        "best_epoch": best["epoch"],
-        "best_dice": best["dice"],
+        "best_epoch": train_state.best["epoch"],
+        "best_dice": train_state.best["dice"],
         "epochs": train_cfg.epochs,
         "n_train": len(train_items),
         "n_val": len(val_items),
         "n_val_lesion": sum(item.lesion for item in val_items),
         "history": history,
-        "elapsed_s": elapsed_before + time.monotonic() - started,
+        "elapsed_s": train_state.elapsed_s,
         "best_checkpoint": str(fold_dir / "best.pt"),
     }
     write_json(fold_dir / "summary.json", summary)
@@ -325,8 +309,12 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
         "fold_end",
         phase=PHASE,
         fold=fold,
-        dice=best["dice"],
-        extra={"best_epoch": best["epoch"], "checkpoint": str(fold_dir / "best.pt"), "n_val": len(val_items)},
+        dice=train_state.best["dice"],
+        extra={
+            "best_epoch": train_state.best["epoch"],
+            "checkpoint": str(fold_dir / "best.pt"),
+            "n_val": len(val_items),
+        },
     )
     return summary
 

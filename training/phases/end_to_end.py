@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 import torch
 
-from training.checkpoints import load_checkpoint, save_checkpoint
+from training.checkpoints import save_checkpoint
 from training.evaluate import image_record, summarize
 from training.modeling.losses import coarse_loss, quality_aware_loss
 from training.modeling.ultrarefiner import UltraRefiner
@@ -40,11 +39,10 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
+    TrainState,
     batches,
     epoch_order,
     final_fold_of,
-    rng_state,
-    set_rng_state,
     write_json,
 )
 from training.phases.refiner_finetune import (
@@ -197,14 +195,9 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
     bank = EmbeddingBank(ctx, refiner)
     bank.precompute([item.id for item in train_items + val_items], PHASE)
 
-    start_epoch, start_step, history = 0, 0, []
-    elapsed_before = 0.0
-    last_path = phase_dir / "last.pt"
-    checkpoint = (
-        load_checkpoint(last_path, map_location=ctx.device) if ctx.resume and last_path.is_file() else None
-    )
-    if checkpoint is not None:
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
+    # ``best`` is set below: restored, or from the baseline evaluation of a fresh start.
+    train_state, checkpoint = TrainState.restore(phase_dir / "last.pt", ctx, {})
+    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
 
     # The optimizer must have the param groups of the checkpoint (the coarse group joins on unfreeze).
     coarse_trainable = (
@@ -225,9 +218,7 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint.get("rng"))
-        history, baseline, best = checkpoint["history"], checkpoint["baseline"], checkpoint["best"]
-        elapsed_before = checkpoint.get("elapsed_s", 0.0)
+        baseline = checkpoint["baseline"]
         phase1_weights = {k: v.to(ctx.device) for k, v in checkpoint["phase1_weights"].items()}
     else:
         report = validate_joint(model, val_items, bank, ctx)
@@ -241,7 +232,11 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
             ),
             extra={"stage": "baseline", "split": "val", "n_images": report["n_images"], **baseline},
         )
-        best = {"epoch": -1, "dice": report["dice_refined"], "dice_score": _score(report["dice_refined"])}
+        train_state.best = {
+            "epoch": -1,
+            "dice": report["dice_refined"],
+            "dice_score": _score(report["dice_refined"]),
+        }
         save_checkpoint(
             phase_dir / "best.pt",
             phase=PHASE,
@@ -252,27 +247,22 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
             config=cfg.model_dump(mode="json"),
         )
     ctx.progress.set(f"{PHASE}/baseline", 1.0)
-    started = time.monotonic()
+    train_state.start_clock()
 
     def save_last(epoch: int, step: int) -> None:
-        save_checkpoint(
-            last_path,
+        train_state.save(
+            epoch,
+            step,
+            cfg,
             phase=PHASE,
             coarse=model.coarse.state_dict(),
             refiner=model.refiner.trainable_state_dict(),
             optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(),
             scaler=scaler.state_dict(),
-            epoch=epoch,
-            step=step,
-            history=history,
             baseline=baseline,
-            best=best,
             phase1_weights={k: v.cpu() for k, v in phase1_weights.items()},
             coarse_in_optimizer=any(g.get("name") == "coarse" for g in optimizer.param_groups),
-            rng=rng_state(),
-            elapsed_s=elapsed_before + time.monotonic() - started,
-            config=cfg.model_dump(mode="json"),
         )
 
     for epoch in range(start_epoch, e2e.epochs):
@@ -363,8 +353,8 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
                 baseline=baseline["dice_coarse"],
                 dice_coarse=report["dice_coarse"],
             )
-        if _score(dice) > best["dice_score"]:
-            best = {"epoch": epoch, "dice": dice, "dice_score": _score(dice)}
+        if _score(dice) > train_state.best["dice_score"]:
+            train_state.best = {"epoch": epoch, "dice": dice, "dice_score": _score(dice)}
             save_checkpoint(
                 phase_dir / "best.pt",
                 phase=PHASE,
@@ -387,7 +377,7 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
             extra={
                 "dice_coarse": report["dice_coarse"],
                 "lr_coarse": entry["lr_coarse"],
-                "best_epoch": best["epoch"],
+                "best_epoch": train_state.best["epoch"],
             },
         )
         log.info(
@@ -405,14 +395,14 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
         "n_train": len(train_items),
         "n_val": len(val_items),
         "baseline": baseline,
-        "best_epoch": best["epoch"],
-        "best_dice": best["dice"],
+        "best_epoch": train_state.best["epoch"],
+        "best_dice": train_state.best["dice"],
         "history": history,
-        "elapsed_s": elapsed_before + time.monotonic() - started,
+        "elapsed_s": train_state.elapsed_s,
         "best_checkpoint": str(phase_dir / "best.pt"),
     }
     write_json(phase_dir / "summary.json", summary)
-    ctx.emit("phase_end", phase=PHASE, dice=best["dice"], extra={"baseline": baseline})
+    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"], extra={"baseline": baseline})
     return summary
 
 

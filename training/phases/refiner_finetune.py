@@ -42,12 +42,11 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
+    TrainState,
     batches,
     epoch_order,
     final_fold_of,
     read_json,
-    rng_state,
-    set_rng_state,
     write_json,
 )
 
@@ -387,20 +386,15 @@ def run_refiner_phase(ctx: RunContext) -> dict:
     use_amp = ctx.use_amp(train_cfg.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch, start_step, history = 0, 0, []
-    best = {"epoch": None, "dice": None, "dice_score": None}
-    elapsed_before = 0.0
-    last_path = phase_dir / "last.pt"
-    if ctx.resume and last_path.is_file():
-        checkpoint = load_checkpoint(last_path, map_location=ctx.device)
+    train_state, checkpoint = TrainState.restore(
+        phase_dir / "last.pt", ctx, {"epoch": None, "dice": None, "dice_score": None}
+    )
+    if checkpoint is not None:
         refiner.load_trainable_state_dict(checkpoint["refiner"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint.get("rng"))
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
-        history, best = checkpoint["history"], checkpoint["best"]
-        elapsed_before = checkpoint.get("elapsed_s", 0.0)
+    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
 
     if start_epoch == 0 and start_step == 0:
         baseline = validate_refiner(refiner, val_items, val_maps, val_native, bank, ctx, train_cfg.batch_size)
@@ -417,23 +411,18 @@ def run_refiner_phase(ctx: RunContext) -> dict:
                 "dice_refined": baseline["dice_refined"],
             },
         )
-    started = time.monotonic()
+    train_state.start_clock()
 
     def save_last(epoch: int, step: int) -> None:
-        save_checkpoint(
-            last_path,
+        train_state.save(
+            epoch,
+            step,
+            cfg,
             phase=PHASE,
             refiner=refiner.trainable_state_dict(),
             optimizer=optimizer.state_dict(),
             schedule=schedule.state_dict(),
             scaler=scaler.state_dict(),
-            epoch=epoch,
-            step=step,
-            history=history,
-            best=best,
-            rng=rng_state(),
-            elapsed_s=elapsed_before + time.monotonic() - started,
-            config=cfg.model_dump(mode="json"),
         )
 
     for epoch in range(start_epoch, train_cfg.epochs):
@@ -501,8 +490,13 @@ def run_refiner_phase(ctx: RunContext) -> dict:
         }
         history.append(entry)
         score = -1.0 if dice is None else dice
-        if best["epoch"] is None or score > best["dice_score"]:
-            best = {"epoch": epoch, "dice": dice, "dice_score": score, "dice_coarse": report["dice_coarse"]}
+        if train_state.best["epoch"] is None or score > train_state.best["dice_score"]:
+            train_state.best = {
+                "epoch": epoch,
+                "dice": dice,
+                "dice_score": score,
+                "dice_coarse": report["dice_coarse"],
+            }
             save_checkpoint(
                 phase_dir / "best.pt",
                 phase=PHASE,
@@ -522,7 +516,7 @@ def run_refiner_phase(ctx: RunContext) -> dict:
             losses={"train": entry.get("train_total", float("nan"))},
             dice=dice,
             lr=entry["lr"],
-            extra={"dice_coarse": report["dice_coarse"], "best_epoch": best["epoch"]},
+            extra={"dice_coarse": report["dice_coarse"], "best_epoch": train_state.best["epoch"]},
         )
         log.info(
             "refiner epoch %d/%d: loss %.4f, val Dice coarse %s → refined %s",
@@ -538,17 +532,17 @@ def run_refiner_phase(ctx: RunContext) -> dict:
         "fold": fold,
         "n_train": len(train_items),
         "n_val": len(val_items),
-        "best_epoch": best["epoch"],
-        "best_dice": best["dice"],
-        "val_dice_coarse": best.get("dice_coarse"),
+        "best_epoch": train_state.best["epoch"],
+        "best_dice": train_state.best["dice"],
+        "val_dice_coarse": train_state.best.get("dice_coarse"),
         "history": history,
         "embeddings": embed_stats,
-        "elapsed_s": elapsed_before + time.monotonic() - started,
+        "elapsed_s": train_state.elapsed_s,
         "best_checkpoint": str(phase_dir / "best.pt"),
         "sam_checkpoint": str(phase_dir / "sam_refiner.pth"),
     }
     write_json(phase_dir / "summary.json", summary)
-    ctx.emit("phase_end", phase=PHASE, dice=best["dice"])
+    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"])
     return summary
 
 
