@@ -1,0 +1,151 @@
+"""Inference-time variants of the coarse mask and their effect on refined Dice; prints JSON.
+
+Variants (each wraps the served model's coarse TransUNet; the refiner is unchanged):
+
+* ``base``: the coarse logits as they are (what the API serves);
+* ``largest``: only the connected component (of coarse probability ≥ 0.5) with the largest
+  probability mass stays a lesion; other islands become background before prompts are derived;
+* ``flip``: the mean of the coarse logits of the image and of its horizontal mirror;
+* ``flip+largest``: both.
+
+Decide on a **validation** fold of the served coarse model (``--fold``: the images it was not
+trained on), never on the test split. Reported per variant: mean coarse and refined Dice over
+lesion images (native resolution) and the share of normal images with any coarse / refined
+lesion pixel. The image embedding is computed once per image and shared by the variants.
+
+    python benchmarks/coarse_postprocessing.py --split-file models/default_split.json --fold 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from backend.app.accelerate import ENGINES, accelerate_predictor
+from training.config import SHARED_DATA_ROOT
+from training.data.datasets import list_samples, load_image, load_mask
+from training.inference import Predictor
+from training.modeling.losses import dice_score
+
+
+class FlipAveraged(nn.Module):
+    """``B×C×S×S → B×2×S×S``: mean logits of the image and of its horizontal mirror."""
+
+    def __init__(self, coarse: nn.Module) -> None:
+        super().__init__()
+        self.coarse = coarse
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.coarse(images) + self.coarse(images.flip(-1)).flip(-1))
+
+
+class LargestComponent(nn.Module):
+    """Keeps the lesion component with the largest probability mass; other islands → background."""
+
+    def __init__(self, coarse: nn.Module) -> None:
+        super().__init__()
+        self.coarse = coarse
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        coarse_logits = self.coarse(images)
+        lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
+        kept = coarse_logits.clone()
+        for index, probs in enumerate(lesion_probs):
+            labels, count = ndimage.label(probs >= 0.5)
+            if count < 2:
+                continue
+            mass = ndimage.sum(probs, labels, index=np.arange(1, count + 1))
+            islands = torch.from_numpy((labels > 0) & (labels != 1 + int(np.argmax(mass))))
+            kept[index, 1][islands] = kept[index, 0][islands] - 10.0
+        return kept
+
+
+VARIANTS = {
+    "base": lambda coarse: coarse,
+    "largest": LargestComponent,
+    "flip": FlipAveraged,
+    "flip+largest": lambda coarse: LargestComponent(FlipAveraged(coarse)),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--split-file", type=Path, required=True, help="Split JSON of the served model.")
+    parser.add_argument("--fold", type=int, required=True, help="Validation fold of the served coarse model.")
+    parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
+    parser.add_argument("--model", type=Path, help="Bundle (default: shipped default).")
+    parser.add_argument("--engine", choices=ENGINES, default="onnx-int8", help="Inference engine.")
+    parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
+    args = parser.parse_args(argv)
+
+    split = json.loads(args.split_file.read_text())
+    if not 0 <= args.fold < len(split["folds"]):
+        raise SystemExit(f"--fold must be in 0..{len(split['folds']) - 1}")
+    wanted = set(split["folds"][args.fold])
+    samples = [s for s in list_samples("busi", args.root) if s.id in wanted]
+    if not samples:
+        raise SystemExit(f"no image of fold {args.fold} under {args.root}")
+    predictor = Predictor.from_bundle(args.model)
+    cache_dir = args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
+    accelerate_predictor(predictor, args.engine, cache_dir)
+    served_coarse = predictor.coarse
+    variants = {name: make(served_coarse) for name, make in VARIANTS.items()}
+    scores = {name: {"coarse": [], "refined": [], "fp_coarse": [], "fp_refined": []} for name in variants}
+
+    started = time.perf_counter()
+    for sample in samples:
+        image = load_image(sample.image_path)
+        truth = load_mask(sample) if sample.label != "normal" else None
+        embedding = None
+        for name, coarse in variants.items():
+            predictor.coarse = coarse
+            prediction = predictor.predict(image, embedding=embedding)
+            embedding = embedding if prediction.embedding is None else prediction.embedding
+            entry = scores[name]
+            if truth is None:
+                entry["fp_coarse"].append(float(prediction.coarse_mask().any()))
+                entry["fp_refined"].append(float(prediction.refined_mask().any()))
+            else:
+                entry["coarse"].append(dice_score(prediction.coarse_mask(), truth))
+                entry["refined"].append(dice_score(prediction.refined_mask(), truth))
+    predictor.coarse = served_coarse
+
+    def mean(values: list[float]) -> float | None:
+        return round(statistics.fmean(values), 4) if values else None
+
+    report = {
+        "model_version": predictor.model_version,
+        "engine": args.engine,
+        "fold": args.fold,
+        "n_lesion_images": len(scores["base"]["coarse"]),
+        "n_normal_images": len(scores["base"]["fp_coarse"]),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+        "variants": {
+            name: {
+                "dice_coarse": mean(entry["coarse"]),
+                "dice_refined": mean(entry["refined"]),
+                "normal_fp_rate_coarse": mean(entry["fp_coarse"]),
+                "normal_fp_rate_refined": mean(entry["fp_refined"]),
+            }
+            for name, entry in scores.items()
+        },
+    }
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
