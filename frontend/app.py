@@ -30,7 +30,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,41 @@ CSS = """
 #train-errors { color: var(--error-text-color, #b91c1c); }
 .ur-small textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 """
+
+
+class SelectionTracker:
+    """The run each browser session selected last (the most recent ``max_sessions`` sessions).
+
+    A periodic refresh carries the selection of the moment it started; when the user selects
+    another run meanwhile, the refresh's detail belongs to the old run and must not overwrite the
+    new run's detail. The selection handler records every selection here, and the refresh drops
+    its detail when :meth:`is_stale` says its run is no longer the session's selection.
+    """
+
+    def __init__(self, max_sessions: int = 1024) -> None:
+        self.max_sessions = max_sessions
+        self._latest: OrderedDict[str, str | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _run(run_id: Any) -> str | None:
+        return None if run_id in (None, "") else str(run_id)
+
+    def remember(self, session: str | None, run_id: Any) -> None:
+        if not session:
+            return
+        with self._lock:
+            self._latest[session] = self._run(run_id)
+            self._latest.move_to_end(session)
+            while len(self._latest) > self.max_sessions:
+                self._latest.popitem(last=False)
+
+    def is_stale(self, session: str | None, run_id: Any) -> bool:
+        """True when ``session`` has since selected a run other than ``run_id``."""
+        with self._lock:
+            if not session or session not in self._latest:
+                return False
+            return self._latest[session] != self._run(run_id)
 
 
 def theme() -> gr.themes.Base:
@@ -622,11 +659,17 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
 
         runs_outputs = [runs_table, run_select, runs_sig_state, status, *detail_outputs]
 
+        selections = SelectionTracker()
+
         @guarded(toast=False)
-        def on_tick(token, selected, runs_sig, detail_sig):
+        def on_tick(token, selected, runs_sig, detail_sig, request: gr.Request):
             if not token:
                 return {}
-            return refresh_runs(token, selected, runs_sig, detail_sig, force=False)
+            out = refresh_runs(token, selected, runs_sig, detail_sig, force=False)
+            if selections.is_stale(getattr(request, "session_hash", None), selected):
+                for component in detail_outputs:  # another run was selected while this one ran
+                    out.pop(component, None)
+            return out
 
         timer.tick(
             on_tick,
@@ -656,7 +699,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         runs_table.select(on_row_select, inputs=None, outputs=[run_select], show_progress="hidden")
 
         @guarded()
-        def on_select_run(token, run_id):
+        def on_select_run(token, run_id, request: gr.Request):
+            selections.remember(getattr(request, "session_hash", None), run_id)
             if not run_id:
                 return empty_detail()
             return detail_values(client_for(token), str(run_id), None, force=True)
