@@ -76,7 +76,9 @@ class SegmentResponse(BaseModel):
     prompts: PromptsUsed | None = None
     timings_ms: StageTimings
     embedding_cached: bool = Field(
-        ..., description="True when the image embedding came from the server cache."
+        ...,
+        description="True when the image embedding came from the server cache (false also when the "
+        "encoder was not needed: no coarse lesion and no clinician prompt).",
     )
 
 
