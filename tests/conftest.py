@@ -126,6 +126,19 @@ def fake_refiner_encode():
     return encode
 
 
+@pytest.fixture(scope="session")
+def no_lesion_coarse():
+    """A coarse segmenter that never finds a lesion (background logit 10, lesion logit −10)."""
+    import torch
+
+    class NoLesionCoarse(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            batch, _, height, width = images.shape
+            return torch.stack([torch.full((batch, height, width), v) for v in (10.0, -10.0)], 1)
+
+    return NoLesionCoarse()
+
+
 @pytest.fixture
 def fast_refiner_encoder(monkeypatch, fake_refiner_encode):
     """Patch the frozen refiner image encoder with :func:`fake_refiner_encode` for one test.

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -157,19 +156,11 @@ def test_repeated_image_uses_embedding_cache_and_new_prompts(client):
     assert third["prompts"]["box"] == pytest.approx([50, 40, 200, 160], abs=1.0)
 
 
-class _NoLesionCoarse(torch.nn.Module):
-    """A coarse segmenter that never finds a lesion (background logit 10, lesion logit −10)."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = images.shape
-        return torch.stack([torch.full((batch, height, width), v) for v in (10.0, -10.0)], 1)
-
-
-def test_no_coarse_lesion_skips_the_encoder_until_prompts_need_it(bundle_path, tmp_path):
+def test_no_coarse_lesion_skips_the_encoder_until_prompts_need_it(bundle_path, tmp_path, no_lesion_coarse):
     from training.inference import Predictor
 
     predictor = Predictor.from_bundle(bundle_path)
-    predictor.coarse = _NoLesionCoarse()
+    predictor.coarse = no_lesion_coarse
     app = create_app(make_settings(tmp_path, bundle_path))
     with TestClient(app) as api:
         app.state.model_holder.set_predictor(predictor)

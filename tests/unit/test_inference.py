@@ -141,18 +141,10 @@ def test_bad_bundle_paths(tmp_path):
         Predictor.from_bundle(tmp_path / "junk.pt")
 
 
-class _NoLesionCoarse(torch.nn.Module):
-    """A coarse segmenter that finds no lesion: background logit 10, lesion logit −10."""
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = images.shape
-        return torch.stack(
-            [torch.full((batch, height, width), 10.0), torch.full((batch, height, width), -10.0)], 1
-        )
-
-
-def test_empty_coarse_mask_is_not_refined_and_skips_the_encoder(predictor, image, monkeypatch):
-    monkeypatch.setattr(predictor, "coarse", _NoLesionCoarse())
+def test_empty_coarse_mask_is_not_refined_and_skips_the_encoder(
+    predictor, image, monkeypatch, no_lesion_coarse
+):
+    monkeypatch.setattr(predictor, "coarse", no_lesion_coarse)
     calls = []
     monkeypatch.setattr(predictor.refiner, "encode", lambda images: calls.append(images) or None)
     prediction = predictor.predict(image)
@@ -164,9 +156,9 @@ def test_empty_coarse_mask_is_not_refined_and_skips_the_encoder(predictor, image
 
 
 def test_refine_empty_coarse_setting_and_clinician_prompts_still_refine(
-    predictor, image, embedding, monkeypatch
+    predictor, image, embedding, monkeypatch, no_lesion_coarse
 ):
-    monkeypatch.setattr(predictor, "coarse", _NoLesionCoarse())
+    monkeypatch.setattr(predictor, "coarse", no_lesion_coarse)
     with_box = predictor.predict(image, embedding=embedding, box=[40, 20, 100, 60])
     assert with_box.prompts["box"] is not None  # a clinician prompt always reaches the refiner
     assert not np.array_equal(with_box.refined_probs, with_box.coarse_probs)
