@@ -28,7 +28,9 @@ def serve(
     ] = None,
     engine: Annotated[
         str | None,
-        typer.Option(help="Image encoder engine: torch, onnx or onnx-int8 (default: settings)."),
+        typer.Option(
+            help="Inference engine: torch, onnx, onnx-int8, openvino or openvino-bf16 (default: settings)."
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:

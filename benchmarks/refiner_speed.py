@@ -4,8 +4,9 @@ Random initialisation (``pretrained=False``) is enough for timing. For each back
 encoder (``Refiner.encode``) and the prompt/mask decoder (``Refiner.forward`` on the embedding,
 prompts derived from a synthetic coarse mask) are timed separately; ``forward_ms`` is their sum.
 
-``--engine onnx|onnx-int8`` runs the ``litemedsam`` encoder and decoder in ONNX Runtime, as the
-server does with that ``INFERENCE_ENGINE`` (:mod:`backend.app.accelerate`; exported into a
+``--engine onnx|onnx-int8|openvino|openvino-bf16`` runs the ``litemedsam`` encoder and decoder in
+ONNX Runtime or OpenVINO, as the server does with that ``INFERENCE_ENGINE``
+(:mod:`backend.app.accelerate`; exported into a
 temporary folder first, untimed); ``sam_vit_b`` always runs in eager PyTorch, as
 segment-anything ships it.
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from backend.app.accelerate import ENGINES
 from training.config import RefinerConfig
 from training.modeling.refiner import build_refiner
 
@@ -81,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="Timed forwards per backbone (median kept).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed forwards first.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice).")
-    parser.add_argument(
-        "--engine", choices=["torch", "onnx", "onnx-int8"], default="torch", help="Engine of litemedsam."
-    )
+    parser.add_argument("--engine", choices=ENGINES, default="torch", help="Engine of litemedsam.")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,13 +1,17 @@
-"""Optional ONNX Runtime inference for serving (``settings.inference_engine``).
+"""Optional ONNX Runtime / OpenVINO inference for serving (``settings.inference_engine``).
 
 At serving time the networks are fixed, so the coarse TransUNet, the refiner's image encoder and
-its mask decoder are exported once and run by ONNX Runtime (the prompt encoder, the
+its mask decoder are exported once to ONNX and run by a graph runtime (the prompt encoder, the
 differentiable prompts and the paste-back stay in torch):
 
-* ``"onnx"``: ``torch.onnx.export`` of the three networks (fp32);
+* ``"onnx"``: ``torch.onnx.export`` of the three networks, run by ONNX Runtime in fp32;
 * ``"onnx-int8"``: the encoder graph with int8 dynamic quantisation of its ``MatMul`` nodes only
   (convolutions and attention softmax stay fp32, which keeps the accuracy drop small); the
-  TransUNet and the decoder stay fp32 (quantising them saved little and changed the masks).
+  TransUNet and the decoder stay fp32 (quantising them saved little and changed the masks);
+* ``"openvino"``: the same fp32 ONNX files run by OpenVINO's CPU plugin in fp32;
+* ``"openvino-bf16"``: OpenVINO with bf16 inference precision for all three networks, on CPUs
+  with native bf16 (AVX512-BF16 or AMX; :class:`AccelerationError` elsewhere, where OpenVINO
+  would silently compute in fp32 instead).
 
 The ONNX files are generated from the weights the predictor already holds (nothing is
 downloaded) and cached under ``settings.onnx_cache_dir`` by a hash of those weights, the input
@@ -40,14 +44,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-Engine = Literal["torch", "onnx", "onnx-int8"]
-ENGINES: tuple[Engine, ...] = ("torch", "onnx", "onnx-int8")
+Engine = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+ENGINES: tuple[Engine, ...] = ("torch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
+OPENVINO_ENGINES: tuple[Engine, ...] = ("openvino", "openvino-bf16")
 ONNX_OPSET = 17
 _EXPORT_LOCK = threading.Lock()
 
 
 class AccelerationError(RuntimeError):
-    """The ONNX path is unavailable (missing package, export or load failure)."""
+    """The accelerated path is unavailable (missing package, unsupported CPU, export or load failure)."""
 
 
 def weights_fingerprint(module: nn.Module, shape_key: str) -> str:
@@ -175,7 +180,7 @@ def quantize_matmul_int8(source: Path, path: Path) -> Path:
 def _cached_onnx(stem: str, engine: Engine, cache_dir: Path, export) -> Path:
     """``cache_dir/stem[.int8].onnx`` for ``engine``, exported (``export(path)``) and quantised on
     first use."""
-    if engine not in ("onnx", "onnx-int8"):
+    if engine not in ENGINES or engine == "torch":
         raise ValueError(f"not an ONNX engine: {engine!r}")
     cache_dir = Path(cache_dir)
     fp32 = cache_dir / f"{stem}.onnx"
@@ -215,7 +220,9 @@ def onnx_coarse_path(coarse: nn.Module, in_channels: int, img_size: int, cache_d
     )
 
 
-def _session(path: Path, num_threads: int | None):
+def _session(path: Path, num_threads: int | None, engine: Engine = "onnx"):
+    if engine in OPENVINO_ENGINES:
+        return OpenVinoSession(path, num_threads, bf16=engine == "openvino-bf16")
     try:
         import onnxruntime as ort
     except ImportError as error:
@@ -234,28 +241,87 @@ def _session(path: Path, num_threads: int | None):
         raise AccelerationError(f"ONNX Runtime could not load {path.name} ({type(error).__name__})") from None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes in bf16 natively here (AVX512-BF16 or AMX)."""
+    try:
+        import openvino
+    except ImportError:
+        return False
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class _Input:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class OpenVinoSession:
+    """An OpenVINO compiled model behind the two calls this module makes of an ONNX Runtime
+    ``InferenceSession`` (``get_inputs``, ``run``); thread-safe (one infer request per thread)."""
+
+    def __init__(self, path: Path, num_threads: int | None, *, bf16: bool) -> None:
+        try:
+            import openvino
+        except ImportError as error:
+            raise AccelerationError("OpenVINO is not installed (pip install openvino)") from error
+        core = openvino.Core()
+        if bf16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise AccelerationError(
+                "this CPU has no native bf16 (AVX512-BF16 or AMX); use inference_engine='openvino' "
+                "(fp32) or 'onnx-int8'"
+            )
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+            "INFERENCE_NUM_THREADS": num_threads or max(1, torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY",
+            # torch runs the prompts and paste-back between the graphs, on the same cores.
+            "ENABLE_CPU_PINNING": False,
+        }
+        try:
+            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as error:
+            raise AccelerationError(f"OpenVINO could not load {path.name} ({type(error).__name__})") from None
+        self._inputs = [_Input(port.get_any_name()) for port in self._compiled.inputs]
+        self._outputs = list(self._compiled.outputs)
+        self._local = threading.local()
+        #: The precision OpenVINO actually computes in ("f32" or "bf16").
+        self.precision = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+    def get_inputs(self) -> list[_Input]:
+        return self._inputs
+
+    def run(self, output_names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        results = request.infer(feed)
+        # Copies: the request's output buffers are reused by its next inference.
+        return [np.array(results[port]) for port in self._outputs]
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
 
 
 class _OnnxModule(nn.Module):
-    """An ONNX Runtime session standing in for a torch module.
+    """An ONNX Runtime session (or :class:`OpenVinoSession`) standing in for a torch module.
 
-    ``InferenceSession.run`` is thread-safe, so one instance serves concurrent requests.
+    Both sessions' ``run`` are thread-safe, so one instance serves concurrent requests.
     """
 
-    def __init__(self, path: Path, num_threads: int | None = None) -> None:
+    def __init__(self, path: Path, num_threads: int | None = None, engine: Engine = "onnx") -> None:
         super().__init__()
-        self.session = _session(path, num_threads)
+        self.session = _session(path, num_threads, engine)
         self.path = Path(path)
+        self.engine = engine
 
 
 class OnnxPerSample(_OnnxModule):
     """Drop-in one-input module: ``B×…`` float tensor → ``B×…``; the graph is exported at batch 1,
     so a batch is run one sample at a time."""
 
-    def __init__(self, path: Path, num_threads: int | None = None) -> None:
-        super().__init__(path, num_threads)
+    def __init__(self, path: Path, num_threads: int | None = None, engine: Engine = "onnx") -> None:
+        super().__init__(path, num_threads, engine)
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -318,24 +384,28 @@ def _check_engine(engine: str, device) -> None:
     if engine not in ENGINES:
         raise ValueError(f"unknown inference engine {engine!r}; known: {', '.join(ENGINES)}")
     if engine != "torch" and str(device) != "cpu":
-        raise AccelerationError("the ONNX engines run on the CPU only; use inference_engine='torch' on CUDA")
+        raise AccelerationError(
+            "the ONNX and OpenVINO engines run on the CPU only; use inference_engine='torch' on CUDA"
+        )
 
 
 def _onnx_refiner_parts(refiner, engine: Engine, cache_dir: Path) -> tuple[nn.Module, nn.Module]:
-    """ONNX Runtime stand-ins for ``refiner.image_encoder`` and ``refiner.mask_decoder``."""
+    """ONNX Runtime / OpenVINO stand-ins for ``refiner.image_encoder`` and ``refiner.mask_decoder``."""
     encoder, decoder = refiner.image_encoder, refiner.mask_decoder
     if not isinstance(encoder, OnnxImageEncoder):
         path = onnx_encoder_path(encoder, int(refiner.input_size), engine, cache_dir)
-        encoder = OnnxImageEncoder(path)
+        encoder = OnnxImageEncoder(path, engine=engine)
     if not isinstance(decoder, OnnxMaskDecoder):
         embed_dim = int(refiner.prompt_encoder.embed_dim)
         embed_side = int(refiner.prompt_encoder.image_embedding_size[0])
-        decoder = OnnxMaskDecoder(onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir))
+        path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir)
+        decoder = OnnxMaskDecoder(path, engine=engine)
     return encoder, decoder
 
 
 def accelerate_refiner(refiner, engine: Engine, cache_dir: Path, device="cpu"):
-    """Run a refiner's image encoder and mask decoder in ONNX Runtime (in place); return it."""
+    """Run a refiner's image encoder and mask decoder in ONNX Runtime or OpenVINO (in place);
+    return it."""
     _check_engine(engine, device)
     if engine != "torch":
         refiner.image_encoder, refiner.mask_decoder = _onnx_refiner_parts(refiner, engine, cache_dir)
@@ -344,11 +414,12 @@ def accelerate_refiner(refiner, engine: Engine, cache_dir: Path, device="cpu"):
 
 def accelerate_predictor(predictor, engine: Engine, cache_dir: Path):
     """Run the predictor's coarse TransUNet and the refiner's image encoder and mask decoder in ONNX
-    Runtime; return the predictor.
+    Runtime or OpenVINO; return the predictor.
 
     ``engine == "torch"`` leaves it unchanged. ``"onnx"`` runs all three in fp32; ``"onnx-int8"``
-    adds int8 dynamic quantisation of the image encoder's ``MatMul`` nodes (the others stay fp32).
-    Raises :class:`AccelerationError` when the ONNX path cannot be prepared (the caller decides
+    adds int8 dynamic quantisation of the image encoder's ``MatMul`` nodes (the others stay fp32);
+    ``"openvino"`` / ``"openvino-bf16"`` run all three in OpenVINO in fp32 / bf16.
+    Raises :class:`AccelerationError` when the path cannot be prepared (the caller decides
     whether to fall back to torch).
     """
     _check_engine(engine, getattr(predictor, "device", "cpu"))
@@ -358,7 +429,7 @@ def accelerate_predictor(predictor, engine: Engine, cache_dir: Path):
     if not isinstance(coarse, OnnxCoarse):
         size = int(predictor.coarse_size)
         path = onnx_coarse_path(coarse, int(predictor.config.transunet.in_channels), size, cache_dir)
-        coarse = OnnxCoarse(path)
+        coarse = OnnxCoarse(path, engine=engine)
     encoder, decoder = _onnx_refiner_parts(predictor.refiner, engine, cache_dir)
     # Swapped only once all three are ready, so a failure leaves the predictor on torch.
     predictor.coarse = coarse

@@ -9,7 +9,15 @@ import pytest
 import torch
 from test_refiner import SIDE, TINY_TRANSUNET, tiny_refiner
 
-from backend.app.accelerate import OnnxCoarse, OnnxImageEncoder, OnnxMaskDecoder, accelerate_predictor
+from backend.app.accelerate import (
+    AccelerationError,
+    OnnxCoarse,
+    OnnxImageEncoder,
+    OnnxMaskDecoder,
+    OpenVinoSession,
+    accelerate_predictor,
+    cpu_has_native_bf16,
+)
 from training.config import RefinerConfig
 from training.modeling.prompts import Prompts
 from training.modeling.transunet import build_transunet
@@ -117,3 +125,73 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
     accelerated(tuned, "onnx", tmp_path)
     names = {p.name for p in tmp_path.glob("*.onnx")}
     assert len(names) == 5 and len([n for n in names if n.startswith("decoder")]) == 2
+
+
+# ---------------------------------------------------------------------------------------- OpenVINO
+needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+
+
+def test_openvino_fp32_matches_torch(tmp_path):
+    """OpenVINO runs the same exported graphs as ONNX Runtime; in fp32 it gives the torch outputs."""
+    pytest.importorskip("openvino")
+    coarse = tiny_coarse()
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    predictor = accelerated_predictor(refiner, "openvino", tmp_path, coarse)
+    fast = predictor.refiner
+    assert fast.image_encoder.session.precision == "f32"
+    assert isinstance(fast.mask_decoder.session, OpenVinoSession)
+
+    images = torch.rand(2, 3, SIDE, SIDE)
+    coarse_images = torch.rand(2, 1, TINY_TRANSUNET.img_size, TINY_TRANSUNET.img_size)
+    with torch.inference_mode():
+        assert torch.allclose(predictor.coarse(coarse_images), coarse(coarse_images), atol=1e-4)
+        embeddings = refiner.encode(images)
+        assert torch.allclose(fast.encode(images), embeddings, atol=1e-4)
+        want = refiner(embeddings, lesion_probs(2))
+        got = fast(embeddings, lesion_probs(2))
+        assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
+        for count in (1, 4):  # any number of prompt tokens (dynamic axis)
+            override = Prompts(points=torch.rand(1, count, 2) * SIDE, point_labels=torch.ones(1, count))
+            want = refiner(embeddings[:1], lesion_probs(1), prompts_override=override)
+            got = fast(embeddings[:1], lesion_probs(1), prompts_override=override)
+            assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
+    # the fp32 ONNX files are shared with the ONNX Runtime engines: no int8 copy is made
+    assert not list(tmp_path.glob("*.int8.onnx")) and len(list(tmp_path.glob("*.onnx"))) == 3
+
+
+@needs_bf16
+def test_openvino_bf16_is_close_to_torch_and_thread_safe(tmp_path):
+    pytest.importorskip("openvino")
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    fast = accelerated(refiner, "openvino-bf16", tmp_path)
+    assert fast.image_encoder.session.precision == "bf16"
+    images = torch.rand(4, 3, SIDE, SIDE)
+    with torch.inference_mode():
+        want = refiner.encode(images)
+        got = fast.encode(images)
+    relative = float((got - want).norm() / want.norm())
+    assert 0 < relative < 0.05  # bf16: not bit-exact, but close (8-bit mantissa)
+
+    # one infer request per thread: concurrent calls give each caller its own result
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda index: fast.encode(images[index : index + 1]), range(4)))
+    for index, output in enumerate(outputs):
+        assert torch.allclose(output, got[index : index + 1], atol=1e-5)
+
+
+def test_openvino_bf16_refused_without_native_bf16(tmp_path, monkeypatch):
+    """Where the CPU lacks bf16, OpenVINO would quietly compute in fp32: the engine says so instead."""
+    openvino = pytest.importorskip("openvino")
+
+    real_get_property = openvino.Core.get_property
+
+    def no_bf16(self, device, name, *args):
+        value = real_get_property(self, device, name, *args)
+        return [cap for cap in value if cap != "BF16"] if name == "OPTIMIZATION_CAPABILITIES" else value
+
+    monkeypatch.setattr(openvino.Core, "get_property", no_bf16)
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    with pytest.raises(AccelerationError, match="no native bf16"):
+        accelerated(refiner, "openvino-bf16", tmp_path)
