@@ -29,7 +29,8 @@ def serve(
     engine: Annotated[
         str | None,
         typer.Option(
-            help="Inference engine: torch, onnx, onnx-int8, openvino or openvino-bf16 (default: settings)."
+            help="Inference engine: torch, onnx, onnx-int8, openvino, openvino-bf16 or auto "
+            "(default: settings)."
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",

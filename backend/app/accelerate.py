@@ -13,6 +13,10 @@ differentiable prompts and the paste-back stay in torch):
   with native bf16 (AVX512-BF16 or AMX; :class:`AccelerationError` elsewhere, where OpenVINO
   would silently compute in fp32 instead).
 
+The setting ``"auto"`` (:func:`resolve_engine`) picks ``"openvino-bf16"`` where OpenVINO is
+installed and the CPU has native bf16, else ``"onnx-int8"``: the fastest engine measured on each
+kind of CPU, both within the allowed Dice drop (README, Measured numbers).
+
 The ONNX files are generated from the weights the predictor already holds (nothing is
 downloaded) and cached under ``settings.onnx_cache_dir`` by a hash of those weights, the input
 size, the torch version and the opset, so an export happens once per model (the encoder, frozen
@@ -239,6 +243,14 @@ def _session(path: Path, num_threads: int | None, engine: Engine = "onnx"):
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise AccelerationError(f"ONNX Runtime could not load {path.name} ({type(error).__name__})") from None
+
+
+def resolve_engine(engine: str) -> Engine:
+    """``"auto"`` → ``"openvino-bf16"`` (OpenVINO installed, native bf16) else ``"onnx-int8"``;
+    any other engine name is returned as it is."""
+    if engine != "auto":
+        return engine  # type: ignore[return-value]
+    return "openvino-bf16" if cpu_has_native_bf16() else "onnx-int8"
 
 
 def cpu_has_native_bf16() -> bool:

@@ -154,8 +154,9 @@ class ModelHolder:
         predictor = Predictor.from_bundle(path, device=self.settings.device)
         engine = self.settings.inference_engine
         if engine != "torch":
-            from backend.app.accelerate import AccelerationError, accelerate_predictor
+            from backend.app.accelerate import AccelerationError, accelerate_predictor, resolve_engine
 
+            engine = resolve_engine(engine)
             try:
                 accelerate_predictor(predictor, engine, self.settings.onnx_cache_dir)
             except AccelerationError as error:

@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -168,9 +169,11 @@ def test_no_coarse_lesion_skips_the_encoder_until_prompts_need_it(bundle_path, t
         encode = predictor.refiner.encode
         predictor.refiner.encode = lambda images: encodes.append(1) or encode(images)
         data = busi_images(1, "normal")[0].read_bytes()
+        lookups = cache_lookups()
         first = post_image(api, data).json()
         assert encodes == [] and first["refined"]["area_px"] == 0 and first["embedding_cached"] is False
         assert len(app.state.model_holder.cache) == 0  # nothing computed, nothing cached
+        assert cache_lookups() - lookups == Counter(unused=1)  # not a miss: the encoder was not needed
         point = {"points": json.dumps([[100, 80, 1]])}
         second = post_image(api, data, form=point).json()  # a clinician prompt: now it is encoded
         assert (
@@ -181,6 +184,19 @@ def test_no_coarse_lesion_skips_the_encoder_until_prompts_need_it(bundle_path, t
         third = post_image(api, data, form=point).json()
         assert encodes == [1] and third["embedding_cached"] is True
         assert third["refined"]["mask_png"] == second["refined"]["mask_png"]
+        assert cache_lookups() - lookups == Counter(unused=1, miss=1, hit=1)
+
+
+def cache_lookups() -> Counter:
+    """The server's ``ultrarefiner_embedding_cache_total`` counters (process-wide) by result."""
+    from prometheus_client import REGISTRY
+
+    return Counter(
+        {
+            result: REGISTRY.get_sample_value("ultrarefiner_embedding_cache_total", {"result": result}) or 0.0
+            for result in ("hit", "miss", "unused")
+        }
+    )
 
 
 def test_overlay_png(client):
@@ -547,3 +563,20 @@ def test_onnx_engine(bundle_path, tmp_path):
     union = (torch_mask | onnx_mask).sum()
     dice = 2 * (torch_mask & onnx_mask).sum() / max(1, torch_mask.sum() + onnx_mask.sum())
     assert union == 0 or dice > 0.98
+
+
+@pytest.mark.slow
+def test_auto_engine_serves_the_engine_it_resolves_to(bundle_path, tmp_path):
+    """``INFERENCE_ENGINE=auto``: OpenVINO bf16 on a CPU with native bf16, else ONNX Runtime int8;
+    /ready names the engine actually serving, and its masks agree with torch's."""
+    from backend.app.accelerate import cpu_has_native_bf16
+
+    data = busi_images(1)[0].read_bytes()
+    masks = {}
+    for engine in ("torch", "auto"):
+        with TestClient(create_app(make_settings(tmp_path, bundle_path, inference_engine=engine))) as api:
+            ready = api.get("/ready").json()
+            masks[engine] = decode_mask(post_image(api, data).json()["refined"]["mask_png"])
+    assert ready["inference_engine"] == ("openvino-bf16" if cpu_has_native_bf16() else "onnx-int8")
+    both = masks["torch"].sum() + masks["auto"].sum()
+    assert both == 0 or 2 * (masks["torch"] & masks["auto"]).sum() / both > 0.95

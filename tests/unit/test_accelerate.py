@@ -181,6 +181,16 @@ def test_openvino_bf16_is_close_to_torch_and_thread_safe(tmp_path):
         assert torch.allclose(output, got[index : index + 1], atol=1e-5)
 
 
+def test_auto_resolves_by_cpu(monkeypatch):
+    import backend.app.accelerate as accelerate
+
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: True)
+    assert accelerate.resolve_engine("auto") == "openvino-bf16"
+    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: False)
+    assert accelerate.resolve_engine("auto") == "onnx-int8"
+    assert accelerate.resolve_engine("onnx") == "onnx"  # an explicit engine is kept
+
+
 def test_openvino_bf16_refused_without_native_bf16(tmp_path, monkeypatch):
     """Where the CPU lacks bf16, OpenVINO would quietly compute in fp32: the engine says so instead."""
     openvino = pytest.importorskip("openvino")

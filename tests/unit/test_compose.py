@@ -91,7 +91,7 @@ def test_shared_paths_are_the_mounted_volumes():
             assert env[variable] in mounted
     # The API's ONNX exports live on the shared models volume, not inside one container.
     assert _env("api")["ONNX_CACHE_DIR"].startswith(_env("api")["MODELS_DIR"] + "/")
-    assert _env("api")["INFERENCE_ENGINE"] == "${INFERENCE_ENGINE:-onnx-int8}"
+    assert _env("api")["INFERENCE_ENGINE"] == "${INFERENCE_ENGINE:-auto}"
 
 
 def test_ui_points_at_the_api():

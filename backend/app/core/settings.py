@@ -38,11 +38,12 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(16, ge=1, description="Most files in one /segment/batch request.")
     max_batch_upload_mb: float = Field(128.0, gt=0, description="Largest accepted /segment/batch body (MiB).")
     max_points: int = Field(64, ge=1, description="Most clinician points in one /segment request.")
-    inference_engine: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16"] = Field(
+    inference_engine: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "auto"] = Field(
         "torch",
         description="Inference engine of the three networks: 'torch' (eager), 'onnx' (ONNX Runtime "
         "fp32), 'onnx-int8' (ONNX Runtime, int8 dynamic quantisation of the encoder's MatMuls), "
-        "'openvino' (OpenVINO fp32) or 'openvino-bf16' (OpenVINO bf16; CPUs with native bf16).",
+        "'openvino' (OpenVINO fp32), 'openvino-bf16' (OpenVINO bf16; CPUs with native bf16) or "
+        "'auto' (openvino-bf16 where the CPU has native bf16, else onnx-int8).",
     )
     onnx_cache_dir: Path = Field(
         VAR_DIR / "cache" / "onnx", description="Where the exported (and quantised) ONNX graphs are kept."

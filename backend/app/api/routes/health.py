@@ -37,7 +37,11 @@ IN_FLIGHT = Gauge("ultrarefiner_segment_in_flight", "Segmentations being compute
 REJECTED = Counter(
     "ultrarefiner_segment_rejected_total", "Requests refused with 503 because the queue was full."
 )
-EMBEDDING_CACHE = Counter("ultrarefiner_embedding_cache_total", "Embedding cache lookups.", ["result"])
+EMBEDDING_CACHE = Counter(
+    "ultrarefiner_embedding_cache_total",
+    "Embedding cache lookups by result: hit, miss (the encoder ran) or unused (nothing to refine).",
+    ["result"],
+)
 SEGMENT_ERRORS = Counter(
     "ultrarefiner_segment_errors_total", "Rejected segmentation inputs by status.", ["status"]
 )

@@ -436,7 +436,6 @@ def run_job(holder, settings, job: Job) -> JobResult:
     hash_ms = (time.perf_counter() - mark) * 1000.0
     embedding = holder.cache.get(key)
     cached = embedding is not None
-    EMBEDDING_CACHE.labels(result="hit" if cached else "miss").inc()
     try:
         # The coarse model runs first: on an image where it finds no lesion (and no clinician
         # prompt asks for one) the image encoder is not run at all; its embedding is computed,
@@ -451,6 +450,9 @@ def run_job(holder, settings, job: Job) -> JobResult:
         )
         if prediction.embedding is not None:
             holder.cache.put(key, prediction.embedding)
+        # "unused": nothing to refine, so the encoder was not needed (not a miss).
+        outcome = "hit" if cached else "miss" if prediction.embedding is not None else "unused"
+        EMBEDDING_CACHE.labels(result=outcome).inc()
     except ValueError as error:  # the model refused this input (shape, prompts)
         log.warning("the model rejected an input (%s)", type(error).__name__)
         raise SegmentError(422, f"the model could not process this image ({type(error).__name__})") from None
