@@ -1,11 +1,13 @@
-"""Dice of the refined mask with the torch vs ONNX vs ONNX-int8 image encoder; prints JSON.
+"""Dice of the refined mask per inference engine (torch, ONNX Runtime fp32 / int8, OpenVINO fp32 /
+bf16); prints JSON.
 
-The same predictor is run three times over N BUSI lesion images (benign + malignant), once per
-encoder engine (:mod:`backend.app.accelerate`); everything but the image encoder is identical.
+The same model is run over N BUSI lesion images (benign + malignant) once per engine of
+``--engines`` (:mod:`backend.app.accelerate`: the engine runs the coarse TransUNet, the image
+encoder and the mask decoder; prompt derivation and paste-back are the same torch code).
 Two prompt modes:
 
 * ``box`` (default): the ground-truth box as the clinician's prompt (the refiner alone, as in the
-  zero-shot LiteMedSAM measurement) — isolates the encoder's effect on accuracy;
+  zero-shot LiteMedSAM measurement) — isolates the refiner's part of the engine's effect;
 * ``coarse``: the prompts derived from the served model's coarse mask (the full pipeline).
 
 Reported per engine: mean Dice vs the ground truth, its delta to torch, the mean Dice agreement
