@@ -225,6 +225,7 @@ def onnx_coarse_path(coarse: nn.Module, in_channels: int, img_size: int, cache_d
 
 
 def _session(path: Path, num_threads: int | None, engine: Engine = "onnx"):
+    num_threads = num_threads or max(1, torch.get_num_threads())
     if engine in OPENVINO_ENGINES:
         return OpenVinoSession(path, num_threads, bf16=engine == "openvino-bf16")
     try:
@@ -232,7 +233,7 @@ def _session(path: Path, num_threads: int | None, engine: Engine = "onnx"):
     except ImportError as error:
         raise AccelerationError("onnxruntime is not installed") from error
     options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads or max(1, torch.get_num_threads())
+    options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -271,24 +272,24 @@ class OpenVinoSession:
     """An OpenVINO compiled model behind the two calls this module makes of an ONNX Runtime
     ``InferenceSession`` (``get_inputs``, ``run``); thread-safe (one infer request per thread)."""
 
-    def __init__(self, path: Path, num_threads: int | None, *, bf16: bool) -> None:
+    def __init__(self, path: Path, num_threads: int, *, bf16: bool) -> None:
         try:
             import openvino
         except ImportError as error:
             raise AccelerationError("OpenVINO is not installed (pip install openvino)") from error
-        core = openvino.Core()
-        if bf16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        if bf16 and not cpu_has_native_bf16():
             raise AccelerationError(
                 "this CPU has no native bf16 (AVX512-BF16 or AMX); use inference_engine='openvino' "
                 "(fp32) or 'onnx-int8'"
             )
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-            "INFERENCE_NUM_THREADS": num_threads or max(1, torch.get_num_threads()),
+            "INFERENCE_NUM_THREADS": num_threads,
             "PERFORMANCE_HINT": "LATENCY",
             # torch runs the prompts and paste-back between the graphs, on the same cores.
             "ENABLE_CPU_PINNING": False,
         }
+        core = openvino.Core()
         try:
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as error:
@@ -303,6 +304,9 @@ class OpenVinoSession:
         return self._inputs
 
     def run(self, output_names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs in graph order (``output_names`` must be ``None``, as this module passes)."""
+        if output_names is not None:
+            raise ValueError("OpenVinoSession.run returns all outputs; pass output_names=None")
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
