@@ -245,13 +245,9 @@ class TrainingConfig(BaseSettings):
         return cls(config_name=name, **overrides)
 
     def resolved_device(self) -> str:
-        import torch
+        from training.inference import resolve_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
-        return self.device
+        return resolve_device(self.device).type
 
     @property
     def split_path(self) -> Path:
