@@ -253,3 +253,27 @@ def test_phases_2b_and_3_resume_where_they_were_cancelled(
     for key, value in uninterrupted["refiner"].items():
         torch.testing.assert_close(resumed["refiner"][key], value, rtol=1e-5, atol=1e-6)
     assert resumed["elapsed_s"] > 0
+
+
+@pytest.mark.slow  # runs training phases (tens of seconds on 2 CPU cores)
+@pytest.mark.parametrize("folds_to_run", [[0], None])
+def test_refiner_warns_when_no_training_image_has_an_out_of_fold_mask(
+    tiny_training_config, fast_refiner_encoder, folds_to_run
+):
+    # The refiner trains on the final fold's training images, whose out-of-fold masks come from
+    # the other folds: with only fold 0 trained it must say the hybrid data became augmented-only.
+    cfg = tiny_training_config(
+        phases=["coarse", "augment", "refiner"],
+        coarse={"folds_to_run": folds_to_run},
+        refiner_train={"real_ratio": 0.5},
+    )
+    recorder = EventRecorder()
+    run_training(cfg, recorder)
+    warnings = [e.message for e in recorder.of_kind("warning") if e.phase == "refiner"]
+    sources = json.loads((cfg.output_dir / "refiner" / "summary.json").read_text())["history"][0]["sources"]
+    if folds_to_run == [0]:
+        assert any("augmented masks only" in m and "folds_to_run" in m for m in warnings), warnings
+        assert sources["real"] == 0 and sources["augmented"] > 0
+    else:
+        assert not any("augmented masks only" in m for m in warnings), warnings
+        assert sources["real"] > 0

@@ -348,10 +348,6 @@ def run_refiner_phase(ctx: RunContext) -> dict:
     parameters = trainable_parameters(refiner)
 
     masks = CoarseMasks(load_out_of_fold_probs(ctx), load_augmented_masks(ctx), train_cfg.real_ratio)
-    if not masks.oof and train_cfg.real_ratio > 0:
-        ctx.warn(
-            "no phase-1 out-of-fold predictions found: the refiner trains on augmented masks only", PHASE
-        )
     if not masks.augmented and train_cfg.real_ratio < 1:
         ctx.warn(
             "no augmented masks found (phase augment not run): the refiner trains on real masks only", PHASE
@@ -363,6 +359,17 @@ def run_refiner_phase(ctx: RunContext) -> dict:
             "phase refiner has no coarse masks to learn from: run phase 'augment' (or 'coarse') first "
             f"in {ctx.output_dir}"
         )
+    if train_cfg.real_ratio > 0 and not any(i in masks.oof for i in train_ids):
+        # Out-of-fold masks of the refiner's training images come from the *other* folds: with
+        # folds_to_run = [k] (or phase coarse not run) there are none, and the method's hybrid
+        # real/augmented data silently becomes augmented-only.
+        reason = (
+            "no phase-1 out-of-fold predictions found"
+            if not masks.oof
+            else f"none of its training images (fold {fold}) has an out-of-fold phase-1 mask: "
+            "phase 1 trained too few folds (folds_to_run)"
+        )
+        ctx.warn(f"{reason}: the refiner trains on augmented masks only (real_ratio is ignored)", PHASE)
 
     bank = EmbeddingBank(ctx, refiner)
     embed_stats = bank.precompute(
