@@ -32,6 +32,7 @@ a temporary name and renamed into place, under a process-wide lock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -254,13 +255,21 @@ def resolve_engine(engine: str) -> Engine:
     return "openvino-bf16" if cpu_has_native_bf16() else "onnx-int8"
 
 
+@functools.cache
+def _openvino_core():
+    """One OpenVINO ``Core`` per process, shared by every session (its methods are thread-safe)."""
+    import openvino
+
+    return openvino.Core()
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin computes in bf16 natively here (AVX512-BF16 or AMX)."""
     try:
-        import openvino
+        import openvino  # noqa: F401
     except ImportError:
         return False
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class _Input:
@@ -274,7 +283,7 @@ class OpenVinoSession:
 
     def __init__(self, path: Path, num_threads: int, *, bf16: bool) -> None:
         try:
-            import openvino
+            import openvino  # noqa: F401
         except ImportError as error:
             raise AccelerationError("OpenVINO is not installed (pip install openvino)") from error
         if bf16 and not cpu_has_native_bf16():
@@ -289,7 +298,7 @@ class OpenVinoSession:
             # torch runs the prompts and paste-back between the graphs, on the same cores.
             "ENABLE_CPU_PINNING": False,
         }
-        core = openvino.Core()
+        core = _openvino_core()
         try:
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as error:

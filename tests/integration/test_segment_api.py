@@ -9,7 +9,6 @@ ONNX tests run the real encoder.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import logging
@@ -22,25 +21,11 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from imaging_fixtures import BUSI_ROOT, PATIENT_NAME, gradient, make_dicom, png_bytes
 from PIL import Image
 
 from backend.app.core.settings import Settings
 from backend.app.main import create_app
-
-_HERE = Path(__file__).resolve()
-_spec = importlib.util.spec_from_file_location(
-    "_imaging_fixtures", _HERE.parents[1] / "unit" / "test_imaging.py"
-)
-fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixtures)
-make_dicom, png_bytes, gradient, PATIENT_NAME = (
-    fixtures.make_dicom,
-    fixtures.png_bytes,
-    fixtures.gradient,
-    fixtures.PATIENT_NAME,
-)
-
-BUSI_ROOT = fixtures.BUSI_ROOT
 
 
 def busi_images(n: int, label: str = "benign") -> list[Path]:
