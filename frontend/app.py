@@ -65,8 +65,9 @@ class SelectionTracker:
 
     A periodic refresh carries the selection of the moment it started; when the user selects
     another run meanwhile, the refresh's detail belongs to the old run and must not overwrite the
-    new run's detail. The selection handler records every selection here, and the refresh drops
-    its detail when :meth:`is_stale` says its run is no longer the session's selection.
+    new run's detail. The selection handler records every selection here; the refresh does not
+    read the detail of a selection that is already stale, and drops a detail it read when
+    :meth:`is_stale` says its run stopped being the session's selection meanwhile.
     """
 
     def __init__(self, max_sessions: int = 1024) -> None:
@@ -621,12 +622,14 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         )
 
         # -- runs --------------------------------------------------------------------------
-        def refresh_runs(token, selected, runs_sig, detail_sig, force: bool) -> dict:
+        def refresh_runs(
+            token, selected, runs_sig, detail_sig, force: bool, with_detail: bool = True
+        ) -> dict:
             client = client_for(token)
             # The selected run's detail is read before the list, so the table is never older than
             # the detail shown beside it (a run that just succeeded is "succeeded" in both).
             detail = None
-            if selected:
+            if selected and with_detail:
                 try:
                     detail = detail_values(client, str(selected), detail_sig, force)
                 except BackendError as error:
@@ -641,7 +644,11 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 reselect = selected not in ids
                 if reselect:
                     selected = ids[0] if ids else None
-                    detail = detail_values(client, str(selected), detail_sig, force) if selected else None
+                    detail = (
+                        detail_values(client, str(selected), detail_sig, force)
+                        if selected and with_detail
+                        else None
+                    )
                 # A periodic refresh only sets the selection when it has none (or a vanished run):
                 # its inputs may predate a selection made meanwhile (e.g. a launch), which it must
                 # not undo.
@@ -665,9 +672,13 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         def on_tick(token, selected, runs_sig, detail_sig, request: gr.Request):
             if not token:
                 return {}
-            out = refresh_runs(token, selected, runs_sig, detail_sig, force=False)
-            if selections.is_stale(getattr(request, "session_hash", None), selected):
-                for component in detail_outputs:  # another run was selected while this one ran
+            session = getattr(request, "session_hash", None)
+            # A tick queued before the user selected another run carries the old selection: it
+            # refreshes the list only (no request for the old run's detail) ...
+            fresh = not selections.is_stale(session, selected)
+            out = refresh_runs(token, selected, runs_sig, detail_sig, force=False, with_detail=fresh)
+            if selections.is_stale(session, selected):
+                for component in detail_outputs:  # ... and drops a detail read while the selection changed
                     out.pop(component, None)
             return out
 
