@@ -286,11 +286,12 @@ def _validation_message(error: ValidationError) -> str:
 class TerminalProgress(TrainingCallback):
     """A rich progress bar over the whole run; epoch, evaluation and warning lines; Ctrl-C → stop.
 
-    The first Ctrl-C asks the phase to stop after the current step (it saves, the run can be
-    resumed with ``--resume``); a second one interrupts at once.
+    ``bar=False`` (``--no-progress``) prints the same lines without the bar: what a log file of
+    an unattended run needs. The first Ctrl-C asks the phase to stop after the current step (it
+    saves, the run can be resumed with ``--resume``); a second one interrupts at once.
     """
 
-    def __init__(self, console=None) -> None:
+    def __init__(self, console=None, *, bar: bool = True) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -305,13 +306,15 @@ class TerminalProgress(TrainingCallback):
             console=self.console,
             transient=False,
         )
+        self.bar = bar
         self.task = None
         self.stop_requested = False
         self._previous_handler = None
 
     def __enter__(self) -> TerminalProgress:
-        self.progress.start()
-        self.task = self.progress.add_task("starting", total=1.0, detail="")
+        if self.bar:
+            self.progress.start()
+            self.task = self.progress.add_task("starting", total=1.0, detail="")
         if sys.platform != "win32":
             try:
                 self._previous_handler = signal.signal(signal.SIGINT, self._interrupt)
@@ -322,7 +325,8 @@ class TerminalProgress(TrainingCallback):
     def __exit__(self, *exc) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGINT, self._previous_handler)
-        self.progress.stop()
+        if self.bar:
+            self.progress.stop()
 
     def _interrupt(self, signum, frame) -> None:
         if self.stop_requested:
@@ -391,11 +395,8 @@ def _train(
         from training.pipeline import run_training
 
         list_samples(cfg.data.dataset, cfg.data.root)  # fail early, clearly, on a bad dataset root
-        if progress:
-            with TerminalProgress() as bar:
-                summary = run_training(cfg, callback=bar, resume=resume)
-        else:
-            summary = run_training(cfg, resume=resume)
+        with TerminalProgress(bar=progress) as terminal:
+            summary = run_training(cfg, callback=terminal, resume=resume)
         brief = {
             k: summary[k] for k in ("output_dir", "bundle_path", "model_version", "coarse_folds", "test")
         }
@@ -436,7 +437,13 @@ _train.__signature__ = inspect.Signature(
             "progress",
             inspect.Parameter.KEYWORD_ONLY,
             default=True,
-            annotation=Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")],
+            annotation=Annotated[
+                bool,
+                typer.Option(
+                    "--progress/--no-progress",
+                    help="Show a progress bar (--no-progress: the epoch, evaluation and warning lines only).",
+                ),
+            ],
         ),
         *_option_parameters(_TRAIN_FLAGS),
     ]

@@ -120,6 +120,20 @@ def test_flags_reach_the_checkpoint_and_the_optimizer(cli_run):
 
 
 @pytest.mark.slow  # runs training phases (tens of seconds on 2 CPU cores)
+def test_no_progress_prints_plain_epoch_lines_to_stderr(cli_run):
+    _, results = cli_run
+    coarse_lines = [line for line in results["coarse"].stderr.splitlines() if line.startswith("coarse fold")]
+    assert [line.split(":")[0] for line in coarse_lines] == [
+        "coarse fold 0 epoch 1/1",
+        "coarse fold 1 epoch 1/1",
+    ]
+    assert all("val Dice" in line for line in coarse_lines)
+    assert any(line.startswith("refiner epoch 1/1:") for line in results["refiner"].stderr.splitlines())
+    assert "\x1b[" not in results["coarse"].stderr  # plain text, no bar or colour codes in a log
+    json.loads(results["coarse"].stdout)  # stdout stays the JSON summary alone
+
+
+@pytest.mark.slow  # runs training phases (tens of seconds on 2 CPU cores)
 def test_change_penalty_flag_reaches_the_loss(cli_run):
     run, _ = cli_run
     epoch = load_checkpoint(run / "refiner" / "last.pt")["history"][0]
