@@ -366,8 +366,8 @@ def run_refiner_phase(ctx: RunContext) -> dict:
         reason = (
             "no phase-1 out-of-fold predictions found"
             if not masks.oof
-            else f"none of its training images (fold {fold}) has an out-of-fold phase-1 mask: "
-            "phase 1 trained too few folds (folds_to_run)"
+            else f"none of fold {fold}'s training images has an out-of-fold phase-1 mask "
+            "(phase 1 trained too few folds, see folds_to_run)"
         )
         ctx.warn(f"{reason}: the refiner trains on augmented masks only (real_ratio is ignored)", PHASE)
 
