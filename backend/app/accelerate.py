@@ -266,10 +266,10 @@ def _openvino_core():
 def cpu_has_native_bf16() -> bool:
     """Whether OpenVINO's CPU plugin computes in bf16 natively here (AVX512-BF16 or AMX)."""
     try:
-        import openvino  # noqa: F401
+        core = _openvino_core()
     except ImportError:
         return False
-    return "BF16" in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class _Input:
@@ -283,7 +283,7 @@ class OpenVinoSession:
 
     def __init__(self, path: Path, num_threads: int, *, bf16: bool) -> None:
         try:
-            import openvino  # noqa: F401
+            core = _openvino_core()
         except ImportError as error:
             raise AccelerationError("OpenVINO is not installed (pip install openvino)") from error
         if bf16 and not cpu_has_native_bf16():
@@ -298,7 +298,6 @@ class OpenVinoSession:
             # torch runs the prompts and paste-back between the graphs, on the same cores.
             "ENABLE_CPU_PINNING": False,
         }
-        core = _openvino_core()
         try:
             self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         except Exception as error:
