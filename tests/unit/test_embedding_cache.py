@@ -150,6 +150,17 @@ def test_compute_many(tmp_path):
         cache.load_many([cache.key(_image(99), "litemedsam")])
 
 
+def test_a_batched_embedding_is_stored_alone(tmp_path):
+    # An embedding computed in a batch is a view of the batch's storage; the file holds only its own
+    # values (it used to hold the whole batch: 4× the disk with batches of 4).
+    cache = EmbeddingCache(tmp_path / "cache")
+    big = lambda batch: batch.repeat(1, 86, 1, 1)[:, :256]  # noqa: E731  B×256×256×256
+    keys = cache.compute_many([_image(k) for k in range(4)], "litemedsam", big, batch_size=4)
+    one_embedding = 256 * 256 * 256 * 4
+    for key in keys:
+        assert one_embedding < cache.path(key).stat().st_size < 1.1 * one_embedding
+
+
 def test_weights_fingerprint_changes_with_weights():
     module = torch.nn.Linear(3, 2)
     state = {k: v.clone() for k, v in module.state_dict().items()}

@@ -154,7 +154,9 @@ class EmbeddingCache:
         """Store one embedding (``C×E×E``) atomically; returns its path."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensor = embedding.detach().to("cpu", torch.float16 if self.half else torch.float32).contiguous()
+        # clone(): a row of a batch is a view of the whole batch's storage, which torch.save would
+        # otherwise write in full (a batch of 4 made every file 4× its size).
+        tensor = embedding.detach().to("cpu", torch.float16 if self.half else torch.float32).clone()
         payload = {"format": CACHE_FORMAT, "key": key, "embedding": tensor}
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         try:
