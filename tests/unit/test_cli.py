@@ -129,6 +129,10 @@ def test_no_progress_prints_plain_epoch_lines_to_stderr(cli_run):
     ]
     assert all("val Dice" in line for line in coarse_lines)
     assert any(line.startswith("refiner epoch 1/1:") for line in results["refiner"].stderr.splitlines())
+    embedding_lines = [line for line in results["refiner"].stderr.splitlines() if "embedding images" in line]
+    assert embedding_lines and embedding_lines[-1].startswith("refiner: embedding images")
+    done, total = embedding_lines[-1].rsplit(" ", 1)[1].split("/")
+    assert done == total and int(total) > 0
     assert "\x1b[" not in results["coarse"].stderr  # plain text, no bar or colour codes in a log
     json.loads(results["coarse"].stdout)  # stdout stays the JSON summary alone
 
