@@ -1,0 +1,101 @@
+"""Ship a finished training run as the default model: ``models/default.{pt,json}`` and its split.
+
+    python scripts/ship_model.py --run-dir runs/compact-prior-e20 --command "ultrarefiner train all ..."
+
+Copies the run's ``bundle.pt`` and ``split.json``, and writes ``models/default.json``: the pipeline's
+own per-image test evaluation of the bundle (``evaluation_test.json``), the per-fold phase-1
+figures, the phase-2b/3 summaries, and the test split evaluated after each phase — phase 1
+(final coarse model + the pretrained refiner) and phase 2 (+ the fine-tuned refiner) — with the
+same protocol and serving path (``training.evaluate.evaluate`` through a ``Predictor``). The model
+card quotes these numbers; ``tests/integration/test_default_model.py`` re-checks them.
+Prints the summary as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from training.checkpoints import build_seeded_refiner, load_bundle, load_checkpoint, make_bundle  # noqa: E402
+from training.config import TrainingConfig  # noqa: E402
+from training.data.datasets import list_samples  # noqa: E402
+from training.data.splits import Split  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.inference import Predictor  # noqa: E402
+from training.phases.context import COARSE_DIR, END_TO_END_DIR, REFINER_DIR, read_json  # noqa: E402
+from training.phases.refiner_finetune import embedding_cache_for  # noqa: E402
+
+
+def _evaluate_bundle(bundle: dict, cfg: TrainingConfig, samples: list) -> dict:
+    predictor = Predictor.from_bundle_dict(bundle)
+    cache = embedding_cache_for(predictor.refiner, cfg.cache_dir)
+    report = evaluate(predictor, samples, embedding_cache=cache)
+    return {k: v for k, v in report.items() if k != "per_image"} | {"split": "test"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--command", required=True, help="The exact command that trained the run.")
+    parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    args = parser.parse_args()
+
+    run = args.run_dir
+    cfg = TrainingConfig.from_stored(read_json(run / "config.json"))
+    bundle = load_bundle(run / "bundle.pt")
+    test = read_json(run / "evaluation_test.json")
+    split = Split.load(run / "split.json")
+    by_id = {sample.id: sample for sample in list_samples(cfg.data.dataset, cfg.data.root)}
+    samples = [by_id[sample_id] for sample_id in split.test_ids]
+
+    coarse = load_checkpoint(run / COARSE_DIR / "final.pt")["model"]
+    phase1 = make_bundle(
+        config=cfg,
+        coarse_state_dict=coarse,
+        refiner_state_dict=build_seeded_refiner(cfg).trainable_state_dict(),
+        metrics={},
+        untrained=False,
+    )
+    phase2 = make_bundle(
+        config=cfg,
+        coarse_state_dict=coarse,
+        refiner_state_dict=load_checkpoint(run / REFINER_DIR / "best.pt")["refiner"],
+        metrics={},
+        untrained=False,
+    )
+    record = {
+        "model_version": bundle["model_version"],
+        "dataset": cfg.data.dataset,
+        "split_seed": cfg.data.seed,
+        "folds": cfg.data.folds,
+        "command": args.command,
+        "coarse_folds": bundle["metrics"]["coarse_folds"],
+        "test": test,
+        "test_after_phase1": _evaluate_bundle(phase1, cfg, samples),
+        "test_after_phase2": _evaluate_bundle(phase2, cfg, samples),
+        "refiner": read_json(run / REFINER_DIR / "summary.json"),
+        "end_to_end": read_json(run / END_TO_END_DIR / "summary.json"),
+    }
+    for key in ("refiner", "end_to_end"):
+        record[key] = {k: v for k, v in record[key].items() if k not in ("history", "per_image")}
+
+    models = args.models_dir
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "bundle.pt", models / "default.pt")
+    shutil.copyfile(run / "split.json", models / "default_split.json")
+    (models / "default.json").write_text(json.dumps(record, indent=1) + "\n")
+    summary = {
+        name: {k: record[name].get(k) for k in ("dice_coarse", "dice_refined", "delta")}
+        for name in ("test_after_phase1", "test_after_phase2", "test")
+    }
+    print(json.dumps({"model_version": record["model_version"], **summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
