@@ -45,9 +45,8 @@ class FlipAveraged(nn.Module):
         super().__init__()
         self.coarse = coarse
 
-    def forward(self, images: torch.Tensor, *prior: torch.Tensor) -> torch.Tensor:
-        mirrored = [p.flip(-1) for p in prior]  # a prior lies in the image's frame: mirrored with it
-        return 0.5 * (self.coarse(images, *prior) + self.coarse(images.flip(-1), *mirrored).flip(-1))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.coarse(images) + self.coarse(images.flip(-1)).flip(-1))
 
 
 class LargestComponent(nn.Module):
@@ -57,8 +56,8 @@ class LargestComponent(nn.Module):
         super().__init__()
         self.coarse = coarse
 
-    def forward(self, images: torch.Tensor, *prior: torch.Tensor) -> torch.Tensor:
-        coarse_logits = self.coarse(images, *prior)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        coarse_logits = self.coarse(images)
         lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
         kept = coarse_logits.clone()
         for index, probs in enumerate(lesion_probs):

@@ -27,8 +27,6 @@ PREPROCESSING_VERSION = "1"
 DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm"]
 ConfigName = Literal["compact", "full"]
 Backbone = Literal["litemedsam", "sam_vit_b"]
-#: Channels of the image embedding of every refiner backbone (SAM's prompt-encoder width).
-REFINER_EMBEDDING_CHANNELS = 256
 Device = Literal["auto", "cpu", "cuda"]
 Phase = Literal["coarse", "augment", "refiner", "end-to-end"]
 ALL_PHASES: tuple[Phase, ...] = ("coarse", "augment", "refiner", "end-to-end")
@@ -57,14 +55,6 @@ class TransUNetConfig(_Strict):
     dropout: float = Field(0.1, ge=0, le=1, description="ViT dropout.")
     decoder_channels: tuple[int, int, int, int] = Field((256, 128, 64, 16), description="Upsampler widths.")
     n_skip: int = Field(3, ge=0, le=3, description="Skip connections used by the decoder.")
-    prior_channels: int = Field(
-        0,
-        ge=0,
-        description="Channels of the refiner's frozen image embedding fed to TransUNet as a pretrained "
-        "prior (0 = off; 256 for the SAM-family refiners): added to the ViT tokens and concatenated "
-        "to the S/4 decoder stage.",
-    )
-    prior_width: int = Field(32, ge=1, description="Channels the prior is projected to at the S/4 stage.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransUNetConfig:
@@ -249,15 +239,6 @@ class TrainingConfig(BaseSettings):
             values = dict(values)
             values["transunet"] = TransUNetConfig.named(values["config_name"]).model_dump()
         return values
-
-    @model_validator(mode="after")
-    def _prior_fits_the_refiner(self) -> TrainingConfig:
-        if self.transunet.prior_channels not in (0, REFINER_EMBEDDING_CHANNELS):
-            raise ValueError(
-                f"transunet.prior_channels must be 0 (off) or {REFINER_EMBEDDING_CHANNELS}, the channels of "
-                f"the {self.refiner.backbone} image embedding; got {self.transunet.prior_channels}"
-            )
-        return self
 
     @classmethod
     def named(cls, name: ConfigName, **overrides) -> TrainingConfig:

@@ -1,9 +1,7 @@
 """One predictor for serving and evaluation: native image → coarse and refined probabilities.
 
 The path is exactly the training path: :func:`training.data.transforms.coarse_input` feeds the
-TransUNet (with :func:`~training.data.transforms.coarse_prior` of the refiner's image embedding
-when the model was trained with that prior: then the image encoder runs first), its lesion
-probabilities (softmax channel 1) are mapped into refiner space with
+TransUNet, its lesion probabilities (softmax channel 1) are mapped into refiner space with
 :meth:`Geometry.to_refiner`, and the refiner is prompted either by the prompts it derives from that
 coarse mask or by a clinician's points/box (native pixel coordinates, mapped with the geometry).
 
@@ -33,7 +31,7 @@ from training.checkpoints import (
     validate_bundle,
 )
 from training.config import TrainingConfig
-from training.data.transforms import Geometry, coarse_input, coarse_prior, refiner_input
+from training.data.transforms import Geometry, coarse_input, refiner_input
 
 
 @dataclass
@@ -143,8 +141,6 @@ class Predictor:
         self.metrics = dict(metrics or {})
         self.backbone = config.refiner.backbone
         self.coarse_size = config.transunet.img_size
-        #: The TransUNet takes the refiner's image embedding as a prior: the encoder runs first.
-        self.coarse_uses_prior = config.transunet.prior_channels > 0
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -195,8 +191,8 @@ class Predictor:
         ``box`` (x0, y0, x1, y1) are native pixel coordinates; given any of them, they replace the
         prompts derived from the coarse mask. ``embedding`` (from :meth:`embed` of the same image)
         skips the image encoder; without it the encoder runs only when there is something to
-        refine (a coarse lesion or clinician prompts) or when the coarse model takes the embedding
-        as its prior, and the result carries the embedding it computed so a caller can cache it.
+        refine (a coarse lesion or clinician prompts), and the result carries the embedding it
+        computed so a caller can cache it.
         """
         started = time.perf_counter()
         timings: dict[str, float] = {}
@@ -208,16 +204,7 @@ class Predictor:
             override = self._clinician_prompts(geometry, points, point_labels, box)
             mark = self._lap(timings, "preprocess", started)
 
-            if self.coarse_uses_prior:
-                if embedding is None:
-                    embedding = computed = self.refiner.encode(refiner_image)
-                else:
-                    embedding = self._check_embedding(embedding)
-                mark = self._lap(timings, "encoder", mark)
-                prior = coarse_prior(embedding, [geometry], self.coarse_size)
-                coarse_logits = self.coarse(coarse_image, prior)  # 1×2×S×S
-            else:
-                coarse_logits = self.coarse(coarse_image)  # 1×2×S×S
+            coarse_logits = self.coarse(coarse_image)  # 1×2×S×S
             coarse_probs_square = coarse_logits.softmax(dim=1)[:, 1:2]  # 1×1×S×S
             mark = self._lap(timings, "coarse", mark)
 
@@ -232,15 +219,13 @@ class Predictor:
                 # The refiner refines, it does not detect: no coarse lesion → nothing to refine,
                 # and the image encoder is not even run.
                 refined_probs, iou, prompts = coarse_probs, 0.0, {}
-                if not self.coarse_uses_prior:
-                    mark = self._lap(timings, "encoder", mark)
+                mark = self._lap(timings, "encoder", mark)
             else:
-                if not self.coarse_uses_prior:
-                    if embedding is None:
-                        embedding = computed = self.refiner.encode(refiner_image)
-                    else:
-                        embedding = self._check_embedding(embedding)
-                    mark = self._lap(timings, "encoder", mark)
+                if embedding is None:
+                    embedding = computed = self.refiner.encode(refiner_image)
+                else:
+                    embedding = self._check_embedding(embedding)
+                mark = self._lap(timings, "encoder", mark)
                 output = self.refiner(
                     embedding,
                     coarse_probs_refiner,

@@ -121,17 +121,10 @@ def export_encoder(encoder: nn.Module, input_size: int, path: Path) -> Path:
     )
 
 
-def export_coarse(
-    coarse: nn.Module, in_channels: int, img_size: int, path: Path, prior_channels: int = 0
-) -> Path:
-    """The coarse TransUNet (input ``1×C×S×S``, and ``1×P×S/4×S/4`` when it takes a prior →
-    ``1×2×S×S`` logits) as ONNX at ``path``."""
-    example: tuple[torch.Tensor, ...] = (torch.rand(1, in_channels, img_size, img_size),)
-    names = ["images"]
-    if prior_channels:
-        example += (torch.randn(1, prior_channels, img_size // 4, img_size // 4),)
-        names.append("prior")
-    return _export(coarse, example, path, "coarse segmenter", input_names=names, output_names=["logits"])
+def export_coarse(coarse: nn.Module, in_channels: int, img_size: int, path: Path) -> Path:
+    """The coarse TransUNet (input ``1×C×S×S`` → ``1×2×S×S`` logits) as ONNX at ``path``."""
+    example = (torch.rand(1, in_channels, img_size, img_size),)
+    return _export(coarse, example, path, "coarse segmenter", input_names=["images"], output_names=["logits"])
 
 
 class _MaskDecoderGraph(nn.Module):
@@ -222,18 +215,13 @@ def onnx_decoder_path(decoder: nn.Module, embed_dim: int, embed_side: int, cache
     )
 
 
-def onnx_coarse_path(
-    coarse: nn.Module, in_channels: int, img_size: int, cache_dir: Path, prior_channels: int = 0
-) -> Path:
+def onnx_coarse_path(coarse: nn.Module, in_channels: int, img_size: int, cache_dir: Path) -> Path:
     """The cached fp32 ONNX file of the coarse TransUNet (for either ONNX engine)."""
-    shape_key = f"{in_channels}x{img_size}" + (f"+prior{prior_channels}" if prior_channels else "")
+    shape_key = f"{in_channels}x{img_size}"
     stem = f"coarse-{img_size}-{weights_fingerprint(coarse, shape_key)}"
     # fp32: matches torch to ~1e-5 (tests/unit/test_accelerate.py); int8 saved little ad hoc.
     return _cached_onnx(
-        stem,
-        "onnx",
-        cache_dir,
-        lambda path: export_coarse(coarse, in_channels, img_size, path, prior_channels),
+        stem, "onnx", cache_dir, lambda path: export_coarse(coarse, in_channels, img_size, path)
     )
 
 
@@ -370,21 +358,7 @@ class OnnxImageEncoder(OnnxPerSample):
 
 
 class OnnxCoarse(OnnxPerSample):
-    """The coarse TransUNet: ``B×1×S×S`` (and ``B×P×S/4×S/4`` priors) → ``B×2×S×S`` logits."""
-
-    def forward(self, inputs: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        names = [item.name for item in self.session.get_inputs()]
-        if (prior is not None) != (len(names) == 2):
-            raise ValueError(
-                f"this coarse graph takes {names}; got {'a' if prior is not None else 'no'} prior"
-            )
-        if prior is None:
-            return super().forward(inputs)
-        outputs = [
-            self.session.run(None, {names[0]: _numpy(image[None]), names[1]: _numpy(sample_prior[None])})[0]
-            for image, sample_prior in zip(inputs, prior, strict=True)
-        ]
-        return torch.from_numpy(np.concatenate(outputs, axis=0)).to(inputs.device)
+    """The coarse TransUNet: ``B×1×S×S`` → ``B×2×S×S`` logits."""
 
 
 class OnnxMaskDecoder(_OnnxModule):
@@ -478,10 +452,7 @@ def accelerate_predictor(predictor, engine: Engine, cache_dir: Path):
     coarse = predictor.coarse
     if not isinstance(coarse, OnnxCoarse):
         size = int(predictor.coarse_size)
-        transunet = predictor.config.transunet
-        path = onnx_coarse_path(
-            coarse, int(transunet.in_channels), size, cache_dir, int(transunet.prior_channels)
-        )
+        path = onnx_coarse_path(coarse, int(predictor.config.transunet.in_channels), size, cache_dir)
         coarse = OnnxCoarse(path, engine=engine)
     encoder, decoder = _onnx_refiner_parts(predictor.refiner, engine, cache_dir)
     # Swapped only once all three are ready, so a failure leaves the predictor on torch.

@@ -81,18 +81,15 @@ class CachedCoarse(nn.Module):
         self.inner = coarse
         self.cache = EmbeddingCache(max_items)
 
-    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().float().contiguous().cpu().numpy()
         digest = hashlib.blake2b(array.tobytes(), digest_size=20)
         digest.update(str(array.shape).encode())
-        if prior is not None:  # a function of the same image, but hashed too: exact by construction
-            prior_array = prior.detach().float().contiguous().cpu().numpy()
-            digest.update(b"prior" + str(prior_array.shape).encode() + prior_array.tobytes())
         key = digest.hexdigest()
         cached = self.cache.get(key)
         if cached is not None:
             return cached.to(images.device).clone()
-        logits = self.inner(images) if prior is None else self.inner(images, prior)
+        logits = self.inner(images)
         self.cache.put(key, logits.detach().clone())
         return logits
 

@@ -6,9 +6,7 @@ leaves as:
 * the coarse-segmenter input: ``1×S×S`` float32 in [0, 1], the whole image resized to ``S×S``
   (``S`` = ``TransUNetConfig.img_size``), see :func:`coarse_input`;
 * the refiner input: ``3×L×L`` float32, longest side resized to ``L`` and padded at the bottom
-  and right, with the backbone's own intensity normalisation, see :func:`refiner_input`;
-* the coarse segmenter's optional prior: the refiner's frozen image embedding of that input,
-  cropped to the image and resampled into the coarse ``S×S`` frame, see :func:`coarse_prior`.
+  and right, with the backbone's own intensity normalisation, see :func:`refiner_input`.
 
 The :class:`Geometry` of the refiner input maps masks between the native image, the coarse
 ``S×S`` space and the refiner ``L×L`` space, differentiably (``F.interpolate`` + ``F.pad``).
@@ -117,25 +115,6 @@ def refiner_input(image: np.ndarray, backbone: str) -> tuple[torch.Tensor, Geome
         resized = (resized * 255.0 - _SAM_PIXEL_MEAN) / _SAM_PIXEL_STD
     padded = F.pad(resized, (0, geometry.size - rw, 0, geometry.size - rh))
     return padded.contiguous(), geometry
-
-
-def coarse_prior(embeddings: torch.Tensor, geometries, size: int) -> torch.Tensor:
-    """``B×C×E×E`` refiner image embeddings → ``B×C×(size/4)×(size/4)`` in the coarse frame.
-
-    The embedding covers the padded ``L×L`` refiner input; the part over the image is cropped
-    (:meth:`Geometry.from_refiner`) and resized to a quarter of the coarse side, so cell ``(i, j)``
-    of the prior lies over the same image region as pixels ``4i…4i+3, 4j…4j+3`` of
-    :func:`coarse_input`. Differentiable; ``geometries`` has one :class:`Geometry` per sample.
-    """
-    if embeddings.dim() != 4 or len(geometries) != embeddings.shape[0]:
-        raise ValueError(
-            f"expected B×C×E×E embeddings and one geometry per sample, got {tuple(embeddings.shape)} "
-            f"and {len(geometries)} geometries"
-        )
-    side = size // 4
-    return torch.cat(
-        [g.from_refiner(embeddings[i : i + 1], size=(side, side)) for i, g in enumerate(geometries)]
-    )
 
 
 def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:

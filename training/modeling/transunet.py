@@ -9,13 +9,7 @@ Layout (``S`` = ``cfg.img_size``, ``w`` = ``cfg.resnet_width``):
 * ViT: a ``patch_size`` conv embeds the S/16 map into tokens, learned position embeddings,
   ``num_layers`` pre-norm transformer blocks;
 * decoder: 3×3 conv to ``2·decoder_channels[0]``, four ×2 upsampling blocks concatenating the
-  S/8, S/4 and S/2 skips (the first ``n_skip`` of them), a 3×3 head to ``num_classes`` logits;
-* optional prior (``cfg.prior_channels`` > 0): the refiner's frozen, pretrained image embedding of
-  the same image, resampled into this model's frame (``B×C×S/4×S/4``,
-  :func:`training.data.transforms.coarse_prior`). Average-pooled to the token grid and projected, it
-  is added to the ViT tokens (where the lesion is); projected to ``cfg.prior_width`` channels, it is
-  concatenated to the S/4 decoder stage (its outline). Without pretrained weights for the R50+ViT
-  encoder, this is how the coarse model gets features learnt on far more than the training set.
+  S/8, S/4 and S/2 skips (the first ``n_skip`` of them), a 3×3 head to ``num_classes`` logits.
 
 :func:`load_vit_npz` reads the public ImageNet-21k ``R50+ViT-B_16.npz`` (TensorFlow layout).
 """
@@ -228,57 +222,20 @@ class TransUNet(nn.Module):
         skip_channels = [*self.resnet.skip_channels, 0]
         for index in range(cfg.n_skip, 3):
             skip_channels[index] = 0
-        if cfg.prior_channels:  # the S/4 decoder block (index 1) also takes the projected prior
-            skip_channels[1] += cfg.prior_width
         self.decoder_blocks = nn.ModuleList(
             DecoderBlock(in_ch, out_ch, skip_ch)
             for in_ch, out_ch, skip_ch in zip(in_channels, cfg.decoder_channels, skip_channels, strict=True)
         )
         self.segmentation_head = nn.Conv2d(cfg.decoder_channels[-1], cfg.num_classes, 3, padding=1)
 
-        self.prior_tokens: nn.Module | None = None
-        self.prior_skip: nn.Module | None = None
-        if cfg.prior_channels:
-            self.prior_tokens = nn.Sequential(
-                nn.LayerNorm(cfg.prior_channels), nn.Linear(cfg.prior_channels, cfg.hidden_size)
-            )
-            self.prior_skip = Conv2dReLU(cfg.prior_channels, cfg.prior_width, kernel=1)
-
-    @property
-    def uses_prior(self) -> bool:
-        return self.cfg.prior_channels > 0
-
-    def _check_prior(self, prior: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:
-        if not self.uses_prior:
-            if prior is not None:
-                raise ValueError("this TransUNet was built without a prior (prior_channels=0); pass none")
-            return None
-        side = self.cfg.img_size // 4
-        expected = (images.shape[0], self.cfg.prior_channels, side, side)
-        if prior is None:
-            raise ValueError(
-                f"this TransUNet takes the refiner's image embedding as a prior ({expected[1]}×{side}×{side} "
-                "per image, training.data.transforms.coarse_prior); none was given"
-            )
-        if tuple(prior.shape) != expected:
-            raise ValueError(f"prior must be {expected}, got {tuple(prior.shape)}")
-        return prior.to(images.dtype)
-
-    def forward(self, images: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """``B×1×S×S`` images in [0, 1] (or ``B×3×S×S``) → ``B×num_classes×S×S`` logits.
-
-        ``prior``: ``B×prior_channels×S/4×S/4``, required exactly when ``cfg.prior_channels`` > 0.
-        """
-        prior = self._check_prior(prior, images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``B×1×S×S`` images in [0, 1] (or ``B×3×S×S``) → ``B×num_classes×S×S`` logits."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         deep, skips = self.resnet(images)
         embedded = self.patch_embeddings(deep)  # B×D×g×g
         batch, hidden, grid_h, grid_w = embedded.shape
         tokens = embedded.flatten(2).transpose(1, 2) + self.position_embeddings
-        if prior is not None:
-            pooled = F.adaptive_avg_pool2d(prior, (grid_h, grid_w)).flatten(2).transpose(1, 2)
-            tokens = tokens + self.prior_tokens(pooled)
         tokens = self.embedding_dropout(tokens)
         for block in self.blocks:
             tokens = block(tokens)
@@ -289,9 +246,6 @@ class TransUNet(nn.Module):
         features = self.conv_more(features)
         for index, block in enumerate(self.decoder_blocks):
             skip = skips[index] if index < self.cfg.n_skip else None
-            if prior is not None and index == 1:
-                projected = self.prior_skip(prior)
-                skip = projected if skip is None else torch.cat([skip, projected], dim=1)
             features = block(features, skip)
         return self.segmentation_head(features)
 
@@ -313,14 +267,9 @@ def estimate_gflops(cfg: TransUNetConfig) -> float:
 
     model = build_transunet(cfg).eval()
     images = torch.zeros(1, cfg.in_channels, cfg.img_size, cfg.img_size)
-    prior = (
-        torch.zeros(1, cfg.prior_channels, cfg.img_size // 4, cfg.img_size // 4)
-        if cfg.prior_channels
-        else None
-    )
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(images, prior)
+        model(images)
     return counter.get_total_flops() / 1e9
 
 

@@ -1,9 +1,7 @@
 """UltraRefiner: the coarse segmenter and the refiner joined end to end (phase 3, inference).
 
-``B×1×S×S`` images (and, for a TransUNet with a prior, the refiner's image embeddings resampled
-by :func:`~training.data.transforms.coarse_prior`) → TransUNet ``B×2×S×S`` logits → lesion
-probabilities (softmax channel 1) → each sample mapped into its ``L×L`` refiner frame by
-:meth:`Geometry.to_refiner` → refiner.
+``B×1×S×S`` images → TransUNet ``B×2×S×S`` logits → lesion probabilities (softmax channel 1)
+→ each sample mapped into its ``L×L`` refiner frame by :meth:`Geometry.to_refiner` → refiner.
 Gradients of the refined-mask loss reach TransUNet through the prompts, scaled by
 ``coarse_grad_scale`` with :class:`GradScale` (an autograd function: the scale is an argument
 of each call, never a closure over a loop variable).
@@ -17,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from training.config import TrainingConfig
-from training.data.transforms import Geometry, coarse_prior
+from training.data.transforms import Geometry
 from training.modeling.prompts import Prompts
 from training.modeling.refiner import Refiner
 from training.modeling.transunet import TransUNet
@@ -83,12 +81,7 @@ class UltraRefiner(nn.Module):
         (``B``), ``prompts``, ``gate``.
         """
         scale = self.cfg.end_to_end.coarse_grad_scale if coarse_grad_scale is None else coarse_grad_scale
-        prior = None
-        if self.coarse.uses_prior:
-            if image_embeddings is None:
-                raise ValueError("this coarse model takes the image embeddings as a prior; none were given")
-            prior = coarse_prior(image_embeddings.detach(), geometries, coarse_images.shape[-1])
-        coarse_logits = self.coarse(coarse_images, prior)
+        coarse_logits = self.coarse(coarse_images)
         coarse_probs = torch.softmax(coarse_logits, dim=1)[:, 1:2]
         refiner_coarse_probs = coarse_probs_to_refiner(scale_gradient(coarse_probs, scale), geometries)
         valid = valid_masks(geometries, coarse_images.device)

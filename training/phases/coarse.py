@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoints import load_checkpoint, save_checkpoint
-from training.data.transforms import coarse_prior
 from training.evaluate import image_record, summarize
 from training.modeling.losses import coarse_loss
 from training.modeling.transunet import build_transunet, load_vit_npz
@@ -45,7 +44,6 @@ from training.phases.context import (
 
 log = logging.getLogger("training.coarse")
 PHASE = "coarse"
-EMBEDDINGS_KEY = f"{PHASE}/embeddings"
 
 #: Augmentation ranges (training batches only).
 FLIP_PROBABILITY = 0.5
@@ -58,16 +56,12 @@ MAX_BRIGHTNESS = 0.05
 
 
 def augment_coarse_batch(
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    generator: torch.Generator,
-    priors: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flip, small affine (rotation, scale, translation), gamma/contrast/brightness.
 
-    ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long; ``priors`` (optional):
-    ``B×C×S/4×S/4`` embeddings in the same frame. Geometry is applied identically to all three
-    (bilinear for images and priors, nearest for labels); intensity to images only.
+    ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long. Geometry is applied identically
+    to both (bilinear for images, nearest for labels); intensity to images only.
     """
     batch = images.shape[0]
 
@@ -91,89 +85,30 @@ def augment_coarse_batch(
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     targets = F.grid_sample(targets[:, None].to(images.dtype), grid, mode="nearest", align_corners=False)
     targets = targets[:, 0].round().long()
-    if priors is not None:
-        prior_grid = F.affine_grid(theta.to(priors), list(priors.shape), align_corners=False)
-        priors = F.grid_sample(priors, prior_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     gamma = uniform(*GAMMA_RANGE).to(images)[:, None, None, None]
     contrast = uniform(*CONTRAST_RANGE).to(images)[:, None, None, None]
     brightness = uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS).to(images)[:, None, None, None]
     images = images.clamp(0, 1) ** gamma
     images = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1)
-    return images, targets, priors
+    return images, targets
 
 
-class CoarsePriors:
-    """TransUNet priors by sample id (when ``transunet.prior_channels`` > 0).
-
-    A prior is the refiner's frozen image embedding (read through the persistent embedding cache
-    that phases 2b and 3 share, computed on a miss) resampled into the coarse frame by
-    :func:`~training.data.transforms.coarse_prior`; it is kept in memory as float16
-    (``C×S/4×S/4``: 1.6 MB for the compact model).
-    """
-
-    def __init__(self, ctx: RunContext) -> None:
-        from training.checkpoints import build_seeded_refiner
-        from training.phases.refiner_finetune import EmbeddingBank
-
-        refiner = build_seeded_refiner(ctx.cfg).to(ctx.device).eval()
-        self.bank = EmbeddingBank(ctx, refiner)
-        self.size = ctx.cfg.transunet.img_size
-        self.store = ctx.store
-        self.priors: dict[str, torch.Tensor] = {}
-
-    def precompute(self, sample_ids: list[str], phase: str, progress_key: str | None = None) -> dict:
-        """Embed the images not cached yet (``step`` events with ``stage='embeddings'``)."""
-        stats = self.bank.precompute(sample_ids, phase, progress_key)
-        self.bank.keep_in_memory = False  # the small priors are kept, not the embeddings
-        self.bank.memory.clear()
-        for sample_id in sample_ids:
-            self.get(sample_id)
-        return stats
-
-    def get(self, sample_id: str) -> torch.Tensor:
-        if sample_id not in self.priors:
-            item = self.store.get(sample_id)
-            embedding = self.bank.get(sample_id)
-            self.priors[sample_id] = coarse_prior(embedding, [item.geometry], self.size)[0].half()
-        return self.priors[sample_id]
-
-    def batch(self, items: list[LoadedSample], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.get(item.id) for item in items]).float().to(device)
-
-
-def coarse_priors_for(ctx: RunContext) -> CoarsePriors | None:
-    """The run's :class:`CoarsePriors` (built once per run context), or ``None`` without a prior."""
-    if not ctx.cfg.transunet.prior_channels:
-        return None
-    if ctx.coarse_priors is None:
-        ctx.coarse_priors = CoarsePriors(ctx)
-    return ctx.coarse_priors
-
-
-def coarse_batch(
-    items: list[LoadedSample], device: torch.device, priors: CoarsePriors | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``B×1×S×S`` images, ``B×S×S`` long targets and the ``B×C×S/4×S/4`` priors (or ``None``)."""
+def coarse_batch(items: list[LoadedSample], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B×1×S×S`` images and ``B×S×S`` long targets."""
     images = torch.stack([item.coarse_image for item in items]).to(device)
     targets = torch.stack([item.coarse_target for item in items]).long().to(device)
-    return images, targets, None if priors is None else priors.batch(items, device)
+    return images, targets
 
 
 @torch.no_grad()
-def predict_coarse_probs(
-    model: torch.nn.Module,
-    items: list[LoadedSample],
-    device,
-    batch_size: int,
-    priors: CoarsePriors | None = None,
-):
-    """Coarse logits of ``items`` in batches → list of ``2×S×S`` CPU logits."""
+def predict_coarse_probs(model: torch.nn.Module, items: list[LoadedSample], device, batch_size: int):
+    """``(coarse_logits B×2×S×S, …)`` of ``items`` in batches → list of ``2×S×S`` CPU logits."""
     model.eval()
     logits_list = []
     for start in range(0, len(items), batch_size):
-        images, _, prior = coarse_batch(items[start : start + batch_size], device, priors)
-        logits_list.extend(model(images, prior).float().cpu())
+        images, _ = coarse_batch(items[start : start + batch_size], device)
+        logits_list.extend(model(images).float().cpu())
     return logits_list
 
 
@@ -185,7 +120,7 @@ def native_coarse_probs(coarse_logits: torch.Tensor, height: int, width: int) ->
 
 def validate_coarse(model, items: list[LoadedSample], ctx: RunContext, batch_size: int):
     """Evaluation-protocol report of the coarse model on ``items`` and their ``1×S×S`` probabilities."""
-    logits_list = predict_coarse_probs(model, items, ctx.device, batch_size, coarse_priors_for(ctx))
+    logits_list = predict_coarse_probs(model, items, ctx.device, batch_size)
     records, probs = [], {}
     losses = []
     for item, logits in zip(items, logits_list, strict=True):
@@ -220,8 +155,6 @@ def folds_to_run(ctx: RunContext) -> list[int]:
 
 
 def plan(ctx: RunContext) -> None:
-    if ctx.cfg.transunet.prior_channels:
-        ctx.progress.add(EMBEDDINGS_KEY, 1.0)
     for fold in folds_to_run(ctx):
         ctx.progress.add(_fold_key(fold), ctx.cfg.coarse.epochs)
 
@@ -235,7 +168,6 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     val_items = ctx.store.many(ctx.split.val_ids(fold))
     if not train_items:
         raise ValueError(f"fold {fold} has no training images")
-    priors = coarse_priors_for(ctx)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed + fold)
@@ -284,16 +216,12 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
         first_step = start_step if epoch == start_epoch else 0
         running = []
         for step in range(first_step, len(epoch_batches)):
-            batch_items = [train_items[i] for i in epoch_batches[step]]
-            images, targets, prior = coarse_batch(batch_items, ctx.device, priors)
+            images, targets = coarse_batch([train_items[i] for i in epoch_batches[step]], ctx.device)
             if train_cfg.augment:
                 generator = step_generator(cfg.data.seed, 100 + fold, epoch, step)
-                images, targets, prior = augment_coarse_batch(
-                    images.cpu(), targets.cpu(), generator, None if prior is None else prior.cpu()
-                )
+                images, targets = augment_coarse_batch(images.cpu(), targets.cpu(), generator)
                 images, targets = images.to(ctx.device), targets.to(ctx.device)
-                prior = None if prior is None else prior.to(ctx.device)
-            logits = model(images, prior)
+            logits = model(images)
             loss = coarse_loss(logits, targets, train_cfg.ce_weight, train_cfg.dice_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -408,12 +336,6 @@ def run_coarse_phase(ctx: RunContext) -> dict:
     phase_dir = ctx.phase_dir(COARSE_DIR)
     folds = folds_to_run(ctx)
     ctx.emit("phase_start", phase=PHASE, extra={"folds": folds})
-    priors = coarse_priors_for(ctx)
-    if priors is not None:
-        # Every image of the training split, once: the folds' training and validation images.
-        ids = sorted({i for fold in folds for i in (*ctx.split.train_ids(fold), *ctx.split.val_ids(fold))})
-        stats = priors.precompute(ids, PHASE, EMBEDDINGS_KEY)
-        log.info("coarse priors: %d images, %d embedded now", stats["n_images"], stats["computed"])
     summaries = []
     for fold in folds:
         if ctx.resume and ctx.state.is_done(PHASE, fold):

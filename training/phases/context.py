@@ -428,8 +428,6 @@ class RunContext:
     progress: ProgressPlan = field(default_factory=ProgressPlan)
     state: RunState | None = None
     started: float = field(default_factory=time.monotonic)
-    #: The TransUNet priors of this run (``training.phases.coarse.coarse_priors_for``), built once.
-    coarse_priors: object | None = None
 
     def __post_init__(self) -> None:
         if self.state is None:
