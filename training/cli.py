@@ -363,7 +363,7 @@ class TerminalProgress(TrainingCallback):
         elif not self.bar and event.kind == "step" and (event.extra or {}).get("stage") == "embeddings":
             # Minutes of image encoding on a CPU: a line every tenth, so a log shows it is alive.
             done, total = event.step + 1, event.steps or 0
-            if total and (done == total or done % max(1, total // 10) == 0):
+            if total and (done == total or done % -(-total // 10) == 0):  # ceil(total / 10)
                 self.console.print(f"{event.phase}: embedding images {done}/{total}")
 
 
