@@ -1,6 +1,6 @@
 """Ship a finished training run as the default model: ``models/default.{pt,json}`` and its split.
 
-    python scripts/ship_model.py --run-dir runs/compact-prior-e20 --command "ultrarefiner train all ..."
+    python scripts/ship_model.py --run-dir runs/compact-e30 --command "ultrarefiner train all ..."
 
 Copies the run's ``bundle.pt`` and ``split.json``, and writes ``models/default.json``: the pipeline's
 own per-image test evaluation of the bundle (``evaluation_test.json``), the per-fold phase-1
@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from training.checkpoints import build_seeded_refiner, load_bundle, load_checkpoint, make_bundle  # noqa: E402
-from training.config import TrainingConfig  # noqa: E402
-from training.data.datasets import list_samples  # noqa: E402
-from training.data.splits import Split  # noqa: E402
-from training.evaluate import evaluate  # noqa: E402
-from training.inference import Predictor  # noqa: E402
-from training.phases.context import COARSE_DIR, END_TO_END_DIR, REFINER_DIR, read_json  # noqa: E402
-from training.phases.refiner_finetune import embedding_cache_for  # noqa: E402
+from training.checkpoints import build_seeded_refiner, load_bundle, load_checkpoint, make_bundle
+from training.config import REPO_ROOT, TrainingConfig
+from training.data.datasets import list_samples
+from training.data.splits import Split
+from training.evaluate import evaluate
+from training.inference import Predictor
+from training.phases.context import COARSE_DIR, END_TO_END_DIR, REFINER_DIR, read_json
+from training.phases.refiner_finetune import embedding_cache_for
 
 
 def _evaluate_bundle(bundle: dict, cfg: TrainingConfig, samples: list) -> dict:
@@ -79,11 +75,12 @@ def main() -> None:
         "test": test,
         "test_after_phase1": _evaluate_bundle(phase1, cfg, samples),
         "test_after_phase2": _evaluate_bundle(phase2, cfg, samples),
-        "refiner": read_json(run / REFINER_DIR / "summary.json"),
-        "end_to_end": read_json(run / END_TO_END_DIR / "summary.json"),
+        # The phase summaries without their per-epoch histories (the run directory keeps those).
+        **{
+            key: {k: v for k, v in read_json(run / folder / "summary.json").items() if k != "history"}
+            for key, folder in (("refiner", REFINER_DIR), ("end_to_end", END_TO_END_DIR))
+        },
     }
-    for key in ("refiner", "end_to_end"):
-        record[key] = {k: v for k, v in record[key].items() if k not in ("history", "per_image")}
 
     models = args.models_dir
     models.mkdir(parents=True, exist_ok=True)

@@ -360,7 +360,7 @@ class TerminalProgress(TrainingCallback):
             self.console.print(f"[cyan]{event.phase or event.kind}: {event.message}")
         elif event.kind == "warning":
             self.console.print(f"[yellow]warning: {event.message}")
-        elif not self.bar and event.kind == "step" and (event.extra or {}).get("stage") == "embeddings":
+        elif not self.bar and event.kind == "step" and event.extra.get("stage") == "embeddings":
             # Minutes of image encoding on a CPU: a line every tenth, so a log shows it is alive.
             done, total = event.step + 1, event.steps or 0
             if total and (done == total or done % -(-total // 10) == 0):  # ceil(total / 10)
