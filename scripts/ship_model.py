@@ -43,6 +43,10 @@ def main() -> None:
     args = parser.parse_args()
 
     run = args.run_dir
+    needed = ["config.json", "bundle.pt", "evaluation_test.json", "split.json", f"{COARSE_DIR}/final.pt"]
+    missing = [name for name in needed if not (run / name).is_file()]
+    if missing:
+        raise SystemExit(f"{run} is not a finished `train all` run: missing {', '.join(missing)}")
     cfg = TrainingConfig.from_stored(read_json(run / "config.json"))
     bundle = load_bundle(run / "bundle.pt")
     test = read_json(run / "evaluation_test.json")
