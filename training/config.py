@@ -145,8 +145,42 @@ class CoarseTrainConfig(_Strict):
     ce_weight: float = Field(0.5, ge=0, description="Weight of cross-entropy in 0.5·CE + 0.5·Dice.")
     dice_weight: float = Field(0.5, ge=0, description="Weight of Dice in 0.5·CE + 0.5·Dice.")
     augment: bool = Field(True, description="Random flips/affine/intensity augmentation.")
+    # Augmentation ranges (training batches only). Geometry as on a hand-held probe (left/right
+    # mirror, small tilt, zoom, shift; never upside down: the skin stays on top); intensity, noise,
+    # blur and low resolution as between scanners and presets. The defaults are those the shipped
+    # model was trained with; noise, blur and low resolution are off by default: wider ranges
+    # (nnU-Net-like) were measured and not adopted (MODEL_CARD.md, "What the numbers say").
+    aug_flip_probability: float = Field(0.5, ge=0, le=1, description="Probability of a left-right flip.")
+    aug_rotation_deg: float = Field(10.0, ge=0, le=180, description="Largest rotation, degrees (±).")
+    aug_scale: tuple[float, float] = Field((0.9, 1.1), description="Zoom range (min, max).")
+    aug_translation: float = Field(0.05, ge=0, le=0.5, description="Largest shift, fraction of the side (±).")
+    aug_gamma: tuple[float, float] = Field((0.7, 1.5), description="Gamma range (min, max).")
+    aug_contrast: tuple[float, float] = Field((0.9, 1.1), description="Contrast factor range (min, max).")
+    aug_brightness: float = Field(
+        0.05, ge=0, le=1, description="Largest brightness shift (±, image in [0,1])."
+    )
+    aug_noise_probability: float = Field(0.0, ge=0, le=1, description="Probability of Gaussian noise.")
+    aug_noise_std: float = Field(0.05, ge=0, description="Largest noise standard deviation (image in [0,1]).")
+    aug_blur_probability: float = Field(0.0, ge=0, le=1, description="Probability of a Gaussian blur.")
+    aug_blur_sigma: tuple[float, float] = Field((0.5, 1.5), description="Blur σ range in pixels (min, max).")
+    aug_low_resolution_probability: float = Field(
+        0.0, ge=0, le=1, description="Probability of simulating a coarser scanner (down- then up-sampling)."
+    )
+    aug_low_resolution_zoom: tuple[float, float] = Field(
+        (0.5, 1.0), description="Down-sampling factor range of the low-resolution simulation (min, max)."
+    )
     pretrained_npz: Path | None = Field(None, description="Optional ImageNet-21k R50+ViT-B_16.npz.")
     folds_to_run: list[int] | None = Field(None, description="Subset of folds to train (default all).")
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> CoarseTrainConfig:
+        for name in ("aug_scale", "aug_gamma", "aug_contrast", "aug_blur_sigma", "aug_low_resolution_zoom"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got ({low}, {high})")
+        if self.aug_low_resolution_zoom[1] > 1:
+            raise ValueError("aug_low_resolution_zoom must not exceed 1 (it is a down-sampling factor)")
+        return self
 
 
 class AugmentConfig(_Strict):

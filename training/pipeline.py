@@ -115,9 +115,10 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
         state=state,
     )
     runners = _phase_runners()
+    skipped = _phases_to_skip(ctx) if resume else set()
     for phase in cfg.phases:
         runners[phase][0](ctx)
-        if resume and state.is_done(phase):
+        if phase in skipped:
             for key in list(ctx.progress.weights):
                 if key == phase or key.startswith(phase + "/"):
                     ctx.progress.set(key, 1.0)
@@ -148,11 +149,14 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
     try:
         for phase in cfg.phases:
             phase_dir = output_dir / PHASE_DIRS[phase]
-            if resume and state.is_done(phase):
+            if phase in skipped:
                 log.info("phase %s already complete: skipped", phase)
                 phase_summaries[phase] = _read_summary(phase_dir)
                 continue
-            if not resume:
+            if not resume or (state.is_done(phase) and phase != "coarse"):
+                # A fresh run, or a resumed run whose earlier phase is being (re)run: this phase's
+                # old results were built on what is changing, so it starts over. Phase 1 keeps
+                # its completed folds (they do not depend on one another).
                 state.forget(phase)
                 shutil.rmtree(phase_dir, ignore_errors=True)
             summary = runners[phase][1](ctx)
@@ -346,6 +350,26 @@ def _attach_log_file(path: Path) -> logging.Handler:
         logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     return handler
+
+
+def _phases_to_skip(ctx: RunContext) -> set[str]:
+    """Phases a resumed run skips: the complete ones *before* the first phase that still has work.
+
+    Phase 1 is complete when every fold now asked for is (a run that trained ``folds_to_run=[0]``
+    and resumes with all folds trains the others, then chooses the final fold among all of them);
+    every phase after one that runs again is rerun too, since it was built on the earlier result.
+    """
+    from training.phases.coarse import folds_to_run
+
+    skipped: set[str] = set()
+    for phase in ctx.cfg.phases:
+        complete = ctx.state.is_done(phase)
+        if complete and phase == "coarse":
+            complete = all(ctx.state.is_done(phase, fold) for fold in folds_to_run(ctx))
+        if not complete:
+            break
+        skipped.add(phase)
+    return skipped
 
 
 def _check_resumable(previous: dict, cfg: TrainingConfig) -> None:

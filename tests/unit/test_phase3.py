@@ -189,6 +189,19 @@ def test_cancel_saves_and_resume_continues(tiny_training_config, fast_refiner_en
     for key, value in straight_weights.items():
         torch.testing.assert_close(resumed_weights[key], value, rtol=1e-5, atol=1e-6)
 
+    # resuming with every fold trains only the new ones, then chooses the final fold among all
+    all_folds = tiny_training_config(phases=["coarse"], coarse={"epochs": 2, "batch_size": 1})
+    wider = EventRecorder()
+    run_training(all_folds, wider, resume=True)
+    n_folds = all_folds.data.folds
+    assert {e.fold for e in wider.of_kind("step") if e.phase == "coarse"} == set(range(1, n_folds))
+    state = json.loads((cfg.output_dir / "state.json").read_text())
+    assert {"coarse"} | {f"coarse/fold{k}" for k in range(n_folds)} == set(state["completed"])
+    summary = json.loads((cfg.output_dir / "coarse" / "summary.json").read_text())
+    assert [fold["fold"] for fold in summary["folds"]] == list(range(n_folds))
+    best = max(summary["folds"], key=lambda fold: (fold["best_dice"] or -1.0, -fold["fold"]))
+    assert summary["final_fold"] == best["fold"]
+
 
 @pytest.mark.parametrize("native", [False, True])
 def test_refined_loss_in_refiner_space_or_at_native_resolution(make_tiny_config, tmp_path, native):

@@ -1,9 +1,10 @@
 """Phase 1: TransUNet coarse segmenter, K-fold cross-validation inside the training split.
 
 Per fold: SGD (momentum, weight decay) with a per-step poly(``poly_power``) learning rate, loss
-``ce_weight``·CE + ``dice_weight``·Dice, random flips / small affine / intensity augmentation on
-training batches only; after every epoch the validation Dice (per image, at native resolution,
-lesion images, mean — :mod:`training.evaluate`) decides the best epoch. Outputs, under
+``ce_weight``·CE + ``dice_weight``·Dice, random flip / affine / intensity (and, when enabled,
+noise / blur / low-resolution) augmentation of training batches on the run's device (ranges: the
+``aug_*`` fields of the config); after every epoch the validation Dice (per image, at native
+resolution, lesion images, mean — :mod:`training.evaluate`) decides the best epoch. Outputs, under
 ``<output_dir>/coarse/``:
 
 * ``fold<k>/last.pt`` — resume checkpoint (model, optimizer, schedule, epoch, step, RNG),
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoints import load_checkpoint, save_checkpoint
+from training.config import CoarseTrainConfig
 from training.evaluate import image_record, summarize
 from training.modeling.losses import coarse_loss
 from training.modeling.transunet import build_transunet, load_vit_npz
@@ -45,39 +47,51 @@ from training.phases.context import (
 log = logging.getLogger("training.coarse")
 PHASE = "coarse"
 
-#: Augmentation ranges (training batches only).
-FLIP_PROBABILITY = 0.5
-MAX_ROTATION_DEG = 10.0
-SCALE_RANGE = (0.9, 1.1)
-MAX_TRANSLATION = 0.05  # fraction of the side
-GAMMA_RANGE = (0.7, 1.5)
-CONTRAST_RANGE = (0.9, 1.1)
-MAX_BRIGHTNESS = 0.05
+
+def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of ``B×1×H×W`` images, one σ (pixels) per image; reflect padding."""
+    radius = max(1, math.ceil(3 * float(sigmas.max())))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernels = torch.exp(-0.5 * (offsets[None] / sigmas.to(images)[:, None]) ** 2)
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)  # B×K
+    batch = images.shape[0]
+    grouped = images.reshape(1, batch, *images.shape[2:])
+    grouped = F.pad(grouped, (radius, radius, radius, radius), mode="reflect")
+    grouped = F.conv2d(grouped, kernels[:, None, None, :], groups=batch)
+    grouped = F.conv2d(grouped, kernels[:, None, :, None], groups=batch)
+    return grouped.reshape(images.shape)
 
 
 def augment_coarse_batch(
-    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+    images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, cfg: CoarseTrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal flip, small affine (rotation, scale, translation), gamma/contrast/brightness.
+    """Random flip, affine (rotation, zoom, shift), gamma/contrast/brightness, noise, blur, low resolution.
 
-    ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long. Geometry is applied identically
-    to both (bilinear for images, nearest for labels); intensity to images only.
+    ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long; ranges from ``cfg`` (the ``aug_*``
+    fields). Geometry is applied identically to both (bilinear for images, nearest for labels); the
+    rest to images only. Every random number is drawn from ``generator`` (a CPU generator) whatever
+    the tensors' device, so a seed gives the same batch on a CPU and on a GPU up to float rounding;
+    the image operations run on the tensors' device.
     """
-    batch = images.shape[0]
+    batch, device = images.shape[0], images.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(batch, generator=generator)
+        return (low + (high - low) * torch.rand(batch, generator=generator)).to(device)
 
-    flip = torch.rand(batch, generator=generator) < FLIP_PROBABILITY
-    angle = uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG) * math.pi / 180
-    scale = uniform(*SCALE_RANGE)
-    shift = uniform(-MAX_TRANSLATION, MAX_TRANSLATION), uniform(-MAX_TRANSLATION, MAX_TRANSLATION)
+    def chosen(probability: float) -> torch.Tensor:
+        return (torch.rand(batch, generator=generator) < probability).to(device)
+
+    flip = chosen(cfg.aug_flip_probability)
+    angle = uniform(-cfg.aug_rotation_deg, cfg.aug_rotation_deg) * math.pi / 180
+    scale = uniform(*cfg.aug_scale)
+    shift_x = uniform(-cfg.aug_translation, cfg.aug_translation)
+    shift_y = uniform(-cfg.aug_translation, cfg.aug_translation)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     mirror = torch.where(flip, -1.0, 1.0)
     theta = torch.stack(
         [
-            torch.stack([cos * mirror, -sin, 2 * shift[0]], dim=1),
-            torch.stack([sin * mirror, cos, 2 * shift[1]], dim=1),
+            torch.stack([cos * mirror, -sin, 2 * shift_x], dim=1),
+            torch.stack([sin * mirror, cos, 2 * shift_y], dim=1),
         ],
         dim=1,
     ).to(images)
@@ -86,11 +100,32 @@ def augment_coarse_batch(
     targets = F.grid_sample(targets[:, None].to(images.dtype), grid, mode="nearest", align_corners=False)
     targets = targets[:, 0].round().long()
 
-    gamma = uniform(*GAMMA_RANGE).to(images)[:, None, None, None]
-    contrast = uniform(*CONTRAST_RANGE).to(images)[:, None, None, None]
-    brightness = uniform(-MAX_BRIGHTNESS, MAX_BRIGHTNESS).to(images)[:, None, None, None]
+    gamma = uniform(*cfg.aug_gamma).to(images)[:, None, None, None]
+    contrast = uniform(*cfg.aug_contrast).to(images)[:, None, None, None]
+    brightness = uniform(-cfg.aug_brightness, cfg.aug_brightness).to(images)[:, None, None, None]
     images = images.clamp(0, 1) ** gamma
     images = ((images - 0.5) * contrast + 0.5 + brightness).clamp(0, 1)
+
+    blur = chosen(cfg.aug_blur_probability)
+    blur_sigma = uniform(*cfg.aug_blur_sigma)
+    if bool(blur.any()):
+        blurred = _gaussian_blur(images, blur_sigma)
+        images = torch.where(blur[:, None, None, None], blurred, images)
+
+    low_resolution = chosen(cfg.aug_low_resolution_probability)
+    zoom = uniform(*cfg.aug_low_resolution_zoom)
+    side = images.shape[-1]
+    for index in torch.nonzero(low_resolution).flatten().tolist():
+        small = max(8, round(side * float(zoom[index])))
+        coarse = F.interpolate(images[index : index + 1], size=(small, small), mode="area")
+        images[index : index + 1] = F.interpolate(coarse, size=images.shape[-2:], mode="bilinear",
+                                                  align_corners=False)  # fmt: skip
+
+    noisy = chosen(cfg.aug_noise_probability)
+    noise_std = uniform(0.0, cfg.aug_noise_std) * noisy
+    if bool(noisy.any()):
+        noise = torch.randn(images.shape, generator=generator).to(images)
+        images = (images + noise * noise_std.to(images)[:, None, None, None]).clamp(0, 1)
     return images, targets
 
 
@@ -219,8 +254,7 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
             images, targets = coarse_batch([train_items[i] for i in epoch_batches[step]], ctx.device)
             if train_cfg.augment:
                 generator = step_generator(cfg.data.seed, 100 + fold, epoch, step)
-                images, targets = augment_coarse_batch(images.cpu(), targets.cpu(), generator)
-                images, targets = images.to(ctx.device), targets.to(ctx.device)
+                images, targets = augment_coarse_batch(images, targets, generator, train_cfg)
             logits = model(images)
             loss = coarse_loss(logits, targets, train_cfg.ce_weight, train_cfg.dice_weight)
             optimizer.zero_grad(set_to_none=True)
