@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = Predictor.from_bundle(args.bundle or run / "bundle.pt")
     cfg = predictor.config
     split = Split.load(run / "split.json")
-    by_id = {sample.id: sample for sample in list_samples(cfg.data.dataset, cfg.data.root)}
-    samples = [by_id[sample_id] for sample_id in split.test_ids]
+    samples = split.test_samples(list_samples(cfg.data.dataset, cfg.data.root), source=str(cfg.data.root))
     cache = embedding_cache_for(predictor.refiner, cfg.cache_dir)
 
     folds = []

@@ -51,8 +51,7 @@ def main() -> None:
     bundle = load_bundle(run / "bundle.pt")
     test = read_json(run / "evaluation_test.json")
     split = Split.load(run / "split.json")
-    by_id = {sample.id: sample for sample in list_samples(cfg.data.dataset, cfg.data.root)}
-    samples = [by_id[sample_id] for sample_id in split.test_ids]
+    samples = split.test_samples(list_samples(cfg.data.dataset, cfg.data.root), source=str(cfg.data.root))
 
     coarse = load_checkpoint(run / COARSE_DIR / "final.pt")["model"]
     phase1 = make_bundle(

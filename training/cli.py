@@ -485,18 +485,11 @@ def evaluate_command(
         if split == "test":
             if split_file is not None:
                 chosen = Split.load(split_file)
-                known = {sample.id for sample in samples}
-                missing = [i for i in chosen.test_ids if i not in known]
-                if missing:
-                    raise ValueError(
-                        f"split file {split_file} names {len(missing)} test images not in {root}"
-                    )
             else:
                 data = predictor.config.data
                 chosen = make_split(samples, data.test_fraction, data.folds, data.seed, data.dedup_threshold,
                                     dataset=dataset)  # fmt: skip
-            wanted = set(chosen.test_ids)
-            samples = [sample for sample in samples if sample.id in wanted]
+            samples = chosen.test_samples(samples, source=str(root))
         cache = None
         if cache_dir is not None:
             from training.phases.refiner_finetune import embedding_cache_for

@@ -103,6 +103,14 @@ def test_synthetic_split_and_roundtrip(tmp_path):
     assert make_split(samples, 0.2, 3, seed=1, threshold=6, groups=groups) == split
     assert make_split(samples, 0.2, 3, seed=2, threshold=6, groups=groups).test_ids != split.test_ids
 
+    # The test samples, in dataset order; a dataset that lacks some of them is named as the cause.
+    test = split.test_samples(samples)
+    assert [s.id for s in test] == [s.id for s in samples if s.id in set(split.test_ids)]
+    assert len(test) == len(split.test_ids) > 0
+    lacking = [s for s in samples if s.id != split.test_ids[0]]
+    with pytest.raises(ValueError, match=r"names 1 test images not in /data/other \(e\.g\. '"):
+        split.test_samples(lacking, source="/data/other")
+
 
 def test_split_load_rejects_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):

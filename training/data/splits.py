@@ -232,6 +232,19 @@ class Split:
         val = set(self.val_ids(fold))
         return [i for i in self.trainval_ids if i not in val]
 
+    def test_samples(self, samples: Sequence[Sample], source: str = "the dataset") -> list[Sample]:
+        """The held-out test samples among ``samples`` (dataset order); a clear error when the
+        split names test images that ``samples`` lack (another dataset, root or version)."""
+        known = {sample.id for sample in samples}
+        missing = [sample_id for sample_id in self.test_ids if sample_id not in known]
+        if missing:
+            raise ValueError(
+                f"the split names {len(missing)} test images not in {source} "
+                f"(e.g. {missing[0]!r}): another dataset or root?"
+            )
+        wanted = set(self.test_ids)
+        return [sample for sample in samples if sample.id in wanted]
+
     def counts(self) -> dict:
         def by_label(ids: Sequence[str]) -> dict[str, int]:
             return dict(sorted(Counter(self.labels[i] for i in ids).items()))
