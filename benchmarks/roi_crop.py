@@ -48,7 +48,9 @@ def native_crop_dice(predictor: Predictor, image: np.ndarray, truth: np.ndarray,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--split-file", type=Path, required=True, help="Split JSON of the bundle.")
     parser.add_argument("--fold", type=int, required=True, help="Validation fold to use.")
     parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
