@@ -160,7 +160,9 @@ class CoarseTrainConfig(_Strict):
         0.05, ge=0, le=1, description="Largest brightness shift (±, image in [0,1])."
     )
     aug_noise_probability: float = Field(0.0, ge=0, le=1, description="Probability of Gaussian noise.")
-    aug_noise_std: float = Field(0.05, ge=0, description="Largest noise standard deviation (image in [0,1]).")
+    aug_noise_std: float = Field(
+        0.05, ge=0, le=1, description="Largest noise standard deviation (image in [0,1])."
+    )
     aug_blur_probability: float = Field(0.0, ge=0, le=1, description="Probability of a Gaussian blur.")
     aug_blur_sigma: tuple[float, float] = Field((0.5, 1.5), description="Blur σ range in pixels (min, max).")
     aug_low_resolution_probability: float = Field(
@@ -180,6 +182,8 @@ class CoarseTrainConfig(_Strict):
                 raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got ({low}, {high})")
         if self.aug_low_resolution_zoom[1] > 1:
             raise ValueError("aug_low_resolution_zoom must not exceed 1 (it is a down-sampling factor)")
+        if self.aug_blur_sigma[1] > 10:
+            raise ValueError("aug_blur_sigma must not exceed 10 pixels (a blur, not an erasure)")
         return self
 
 

@@ -102,8 +102,9 @@ def test_blur_keeps_a_constant_image_and_its_sigma_is_per_image():
         {"aug_scale": (1.2, 0.8)},
         {"aug_gamma": (0.0, 1.0)},
         {"aug_low_resolution_zoom": (0.5, 1.5)},
+        {"aug_blur_sigma": (1.0, 50.0)},
         {"aug_flip_probability": 1.5},
-    ],  # fmt: skip
+    ],
 )
 def test_bad_ranges_are_refused_by_name(overrides):
     with pytest.raises(ValidationError, match=next(iter(overrides))):
