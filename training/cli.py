@@ -467,7 +467,8 @@ def evaluate_command(
         Path | None, typer.Option(help="Split JSON (default: the bundle's seeded split).")
     ] = None,
     limit: Annotated[
-        int | None, typer.Option(min=1, help="Only the first N images (round-robin labels).")
+        int | None,
+        typer.Option(min=1, help="Evaluate only the first N of those images (round-robin labels)."),
     ] = None,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="Inference device.")] = "cpu",
     cache_dir: Annotated[Path | None, typer.Option(help="Embedding cache folder (skip the encoder).")] = None,
@@ -480,16 +481,20 @@ def evaluate_command(
         from training.inference import Predictor
         from training.phases.context import limit_samples, write_json
 
-        samples = limit_samples(list_samples(dataset, root), limit)
+        samples = list_samples(dataset, root)
         predictor = Predictor.from_bundle(None if model == "default" else Path(model), device=device)
         if split == "test":
             if split_file is not None:
                 chosen = Split.load(split_file)
             else:
+                # The bundle's own seeded split: made on the images its run used (its data.limit),
+                # never on the --limit subset (that split's "test" images could be training images).
                 data = predictor.config.data
-                chosen = make_split(samples, data.test_fraction, data.folds, data.seed, data.dedup_threshold,
+                pool = limit_samples(samples, data.limit) if dataset == data.dataset else samples
+                chosen = make_split(pool, data.test_fraction, data.folds, data.seed, data.dedup_threshold,
                                     dataset=dataset)  # fmt: skip
             samples = chosen.test_samples(samples, source=str(root))
+        samples = limit_samples(samples, limit)
         cache = None
         if cache_dir is not None:
             from training.phases.refiner_finetune import embedding_cache_for

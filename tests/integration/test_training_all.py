@@ -88,6 +88,25 @@ def test_refiner_checkpoint_loads_into_litemedsam_without_renaming(trained_run):
     build_lite_medsam().load_state_dict(state, strict=True)
 
 
+def test_evaluate_limit_takes_images_of_the_bundles_own_test_split(trained_run, tmp_path):
+    # Without --split-file the split is the bundle's seeded one (made on the 24 images its run
+    # used), and --limit only caps how many of its test images are evaluated.
+    run, _ = trained_run
+    report_path = tmp_path / "report.json"
+    result = runner.invoke(
+        app,
+        [
+            *("evaluate", "--dataset", "busi", "--root", str(BUSI), "--model", str(run / "bundle.pt")),
+            *("--limit", "2", "--cache-dir", str(EMBEDDING_CACHE), "--output", str(report_path)),
+        ],
+    )
+    assert result.exit_code == 0, _output(result)
+    report = json.loads(report_path.read_text())
+    test_ids = set(json.loads((run / "split.json").read_text())["test_ids"])
+    evaluated = {entry["id"] for entry in report["per_image"]}
+    assert len(evaluated) == 2 and evaluated <= test_ids
+
+
 def test_evaluate_command_reproduces_the_test_evaluation(trained_run, tmp_path):
     run, _ = trained_run
     report_path = tmp_path / "report.json"
