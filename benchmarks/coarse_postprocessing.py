@@ -34,6 +34,7 @@ from torch import nn
 from backend.app.accelerate import ENGINES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
+from training.data.splits import Split
 from training.inference import Predictor
 from training.modeling.losses import dice_score
 
@@ -90,13 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     args = parser.parse_args(argv)
 
-    split = json.loads(args.split_file.read_text())
-    if not 0 <= args.fold < len(split["folds"]):
-        raise SystemExit(f"--fold must be in 0..{len(split['folds']) - 1}")
-    wanted = set(split["folds"][args.fold])
-    samples = [s for s in list_samples("busi", args.root) if s.id in wanted]
-    if not samples:
-        raise SystemExit(f"no image of fold {args.fold} under {args.root}")
+    try:
+        samples = Split.load(args.split_file).val_samples(
+            args.fold, list_samples("busi", args.root), str(args.root)
+        )
+    except (FileNotFoundError, IndexError, ValueError) as error:
+        raise SystemExit(f"--split-file / --fold / --root: {error}") from None
     predictor = Predictor.from_bundle(args.model)
     cache_dir = args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
     accelerate_predictor(predictor, args.engine, cache_dir)

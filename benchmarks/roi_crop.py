@@ -26,6 +26,7 @@ import numpy as np
 
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
+from training.data.splits import Split
 from training.inference import Predictor
 from training.modeling.losses import dice_score
 
@@ -59,12 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--margins", type=float, nargs="+", default=[0.2, 1.0], help="Native-crop margins.")
     args = parser.parse_args(argv)
 
-    split = json.loads(args.split_file.read_text())
-    if not 0 <= args.fold < len(split["folds"]):
-        raise SystemExit(f"--fold must be in 0..{len(split['folds']) - 1}")
-    wanted = set(split["folds"][args.fold])
-    samples = [s for s in list_samples("busi", args.root) if s.id in wanted and s.label != "normal"]
-    samples = samples[: args.limit]
+    try:
+        samples = Split.load(args.split_file).val_samples(
+            args.fold, list_samples("busi", args.root), str(args.root)
+        )
+    except (FileNotFoundError, IndexError, ValueError) as error:
+        raise SystemExit(f"--split-file / --fold / --root: {error}") from None
+    samples = [s for s in samples if s.label != "normal"][: args.limit]
     if not samples:
         raise SystemExit(f"no lesion image of fold {args.fold} under {args.root}")
     predictor = Predictor.from_bundle(args.model)

@@ -110,6 +110,10 @@ def test_synthetic_split_and_roundtrip(tmp_path):
     lacking = [s for s in samples if s.id != split.test_ids[0]]
     with pytest.raises(ValueError, match=r"names 1 test images not in /data/other \(e\.g\. '"):
         split.test_samples(lacking, source="/data/other")
+    fold_one = set(split.val_ids(1))
+    assert [s.id for s in split.val_samples(1, samples)] == [s.id for s in samples if s.id in fold_one]
+    with pytest.raises(ValueError, match="fold-1 validation images not in"):
+        split.val_samples(1, [s for s in samples if s.id not in fold_one])
 
 
 def test_split_load_rejects_bad_files(tmp_path):

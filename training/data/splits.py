@@ -204,6 +204,18 @@ def _assign_groups(
     return assignment
 
 
+def _samples_of(ids: Sequence[str], samples: Sequence[Sample], what: str, source: str) -> list[Sample]:
+    known = {sample.id for sample in samples}
+    missing = [sample_id for sample_id in ids if sample_id not in known]
+    if missing:
+        raise ValueError(
+            f"the split names {len(missing)} {what} images not in {source} "
+            f"(e.g. {missing[0]!r}): another dataset or root?"
+        )
+    wanted = set(ids)
+    return [sample for sample in samples if sample.id in wanted]
+
+
 @dataclass
 class Split:
     """A reproducible split: held-out ``test_ids`` and K validation folds on the rest."""
@@ -235,15 +247,11 @@ class Split:
     def test_samples(self, samples: Sequence[Sample], source: str = "the dataset") -> list[Sample]:
         """The held-out test samples among ``samples`` (dataset order); a clear error when the
         split names test images that ``samples`` lack (another dataset, root or version)."""
-        known = {sample.id for sample in samples}
-        missing = [sample_id for sample_id in self.test_ids if sample_id not in known]
-        if missing:
-            raise ValueError(
-                f"the split names {len(missing)} test images not in {source} "
-                f"(e.g. {missing[0]!r}): another dataset or root?"
-            )
-        wanted = set(self.test_ids)
-        return [sample for sample in samples if sample.id in wanted]
+        return _samples_of(self.test_ids, samples, "test", source)
+
+    def val_samples(self, fold: int, samples: Sequence[Sample], source: str = "the dataset") -> list[Sample]:
+        """The validation samples of ``fold`` among ``samples`` (dataset order), like :meth:`test_samples`."""
+        return _samples_of(self.val_ids(fold), samples, f"fold-{fold} validation", source)
 
     def counts(self) -> dict:
         def by_label(ids: Sequence[str]) -> dict[str, int]:
