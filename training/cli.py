@@ -476,7 +476,7 @@ def evaluate_command(
     """Evaluate a model bundle: per-image Dice (coarse vs refined) at native resolution."""
     with user_errors():
         from training.data.datasets import list_samples
-        from training.data.splits import Split, make_split
+        from training.data.splits import Split, seeded_split
         from training.evaluate import evaluate, format_report
         from training.inference import Predictor
         from training.phases.context import limit_samples, write_json
@@ -491,8 +491,7 @@ def evaluate_command(
                 # never on the --limit subset (that split's "test" images could be training images).
                 data = predictor.config.data
                 pool = limit_samples(samples, data.limit) if dataset == data.dataset else samples
-                chosen = make_split(pool, data.test_fraction, data.folds, data.seed, data.dedup_threshold,
-                                    dataset=dataset)  # fmt: skip
+                chosen = seeded_split(pool, data, dataset=dataset)
             samples = chosen.test_samples(samples, source=str(root))
         samples = limit_samples(samples, limit)
         cache = None
@@ -540,14 +539,13 @@ def _split(output: Path, **options: Any) -> None:
 
     with user_errors():
         from training.data.datasets import list_samples
-        from training.data.splits import make_split
+        from training.data.splits import seeded_split
         from training.phases.context import limit_samples
 
         cfg = build_config(options, flags=_SPLIT_FLAGS)
         data = cfg.data
         samples = limit_samples(list_samples(data.dataset, data.root), data.limit)
-        split = make_split(samples, data.test_fraction, data.folds, data.seed, data.dedup_threshold,
-                           dataset=data.dataset)  # fmt: skip
+        split = seeded_split(samples, data)
         split.save(output)
         typer.echo(json.dumps(split.counts(), indent=1))
         typer.echo(f"split: {output}")

@@ -392,6 +392,19 @@ def make_split(
     )
 
 
+def seeded_split(samples: Sequence[Sample], data, dataset: str | None = None) -> Split:
+    """:func:`make_split` with the test fraction, folds, seed and duplicate threshold of a
+    ``DataConfig`` (``dataset``: the name stored in the split, default ``data.dataset``)."""
+    return make_split(
+        samples,
+        data.test_fraction,
+        data.folds,
+        data.seed,
+        data.dedup_threshold,
+        dataset=dataset or data.dataset,
+    )
+
+
 def split_for(cfg, samples: Sequence[Sample]) -> Split:
     """The split of a run: ``cfg.split_path`` if it fits ``samples`` and ``cfg.data``, else a new one.
 
@@ -423,8 +436,6 @@ def split_for(cfg, samples: Sequence[Sample]) -> Split:
         if same_ids and existing.seed == data.seed and existing.params == wanted:
             return existing
         log.warning("split file %s does not match the data or config: making a new split", path)
-    split = make_split(
-        samples, data.test_fraction, data.folds, data.seed, data.dedup_threshold, dataset=data.dataset
-    )
+    split = seeded_split(samples, data)
     split.save(path)
     return split
