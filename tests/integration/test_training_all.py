@@ -8,6 +8,7 @@ phase. The frozen LiteMedSAM embeddings are a pure function of the image, so the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,20 +89,24 @@ def test_refiner_checkpoint_loads_into_litemedsam_without_renaming(trained_run):
     build_lite_medsam().load_state_dict(state, strict=True)
 
 
+def _evaluate(bundle: Path, report_path: Path, *options: str) -> dict:
+    """``ultrarefiner evaluate`` of ``bundle`` on BUSI (cached embeddings); its JSON report."""
+    result = runner.invoke(
+        app,
+        [
+            *("evaluate", "--dataset", "busi", "--root", str(BUSI), "--model", str(bundle), *options),
+            *("--cache-dir", str(EMBEDDING_CACHE), "--output", str(report_path)),
+        ],
+    )
+    assert result.exit_code == 0, _output(result)
+    return json.loads(report_path.read_text())
+
+
 def test_evaluate_limit_takes_images_of_the_bundles_own_test_split(trained_run, tmp_path):
     # Without --split-file the split is the bundle's seeded one (made on the 24 images its run
     # used), and --limit only caps how many of its test images are evaluated.
     run, _ = trained_run
-    report_path = tmp_path / "report.json"
-    result = runner.invoke(
-        app,
-        [
-            *("evaluate", "--dataset", "busi", "--root", str(BUSI), "--model", str(run / "bundle.pt")),
-            *("--limit", "2", "--cache-dir", str(EMBEDDING_CACHE), "--output", str(report_path)),
-        ],
-    )
-    assert result.exit_code == 0, _output(result)
-    report = json.loads(report_path.read_text())
+    report = _evaluate(run / "bundle.pt", tmp_path / "report.json", "--limit", "2")
     test_ids = set(json.loads((run / "split.json").read_text())["test_ids"])
     evaluated = {entry["id"] for entry in report["per_image"]}
     assert len(evaluated) == 2 and evaluated <= test_ids
@@ -109,17 +114,8 @@ def test_evaluate_limit_takes_images_of_the_bundles_own_test_split(trained_run, 
 
 def test_evaluate_command_reproduces_the_test_evaluation(trained_run, tmp_path):
     run, _ = trained_run
-    report_path = tmp_path / "report.json"
-    result = runner.invoke(
-        app,
-        [
-            *("evaluate", "--dataset", "busi", "--root", str(BUSI), "--model", str(run / "bundle.pt")),
-            *("--split", "test", "--split-file", str(run / "split.json"), "--limit", "24"),
-            *("--cache-dir", str(EMBEDDING_CACHE), "--output", str(report_path)),
-        ],
-    )
-    assert result.exit_code == 0, _output(result)
-    report = json.loads(report_path.read_text())
+    options = ("--split", "test", "--split-file", str(run / "split.json"), "--limit", "24")
+    report = _evaluate(run / "bundle.pt", tmp_path / "report.json", *options)
     during_training = json.loads((run / "evaluation_test.json").read_text())
     assert report["n_images"] == during_training["n_images"]
     assert report["dice_refined"] == pytest.approx(during_training["dice_refined"], abs=1e-6)
