@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from training.checkpoints import load_checkpoint, save_checkpoint
 from training.config import CoarseTrainConfig
@@ -49,17 +50,12 @@ PHASE = "coarse"
 
 
 def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur of ``B×1×H×W`` images, one σ (pixels) per image; reflect padding."""
-    radius = max(1, math.ceil(3 * float(sigmas.max())))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernels = torch.exp(-0.5 * (offsets[None] / sigmas.to(images)[:, None]) ** 2)
-    kernels = kernels / kernels.sum(dim=1, keepdim=True)  # B×K
-    batch = images.shape[0]
-    grouped = images.reshape(1, batch, *images.shape[2:])
-    grouped = F.pad(grouped, (radius, radius, radius, radius), mode="reflect")
-    grouped = F.conv2d(grouped, kernels[:, None, None, :], groups=batch)
-    grouped = F.conv2d(grouped, kernels[:, None, :, None], groups=batch)
-    return grouped.reshape(images.shape)
+    """``B×1×H×W`` images, each blurred with its own σ (pixels; kernel radius ⌈3σ⌉, reflect padding)."""
+    blurred = []
+    for image, sigma in zip(images, sigmas.tolist(), strict=True):
+        size = 2 * max(1, math.ceil(3 * sigma)) + 1
+        blurred.append(gaussian_blur(image, [size, size], [sigma, sigma]))
+    return torch.stack(blurred)
 
 
 def augment_coarse_batch(
@@ -108,9 +104,8 @@ def augment_coarse_batch(
 
     blur = chosen(cfg.aug_blur_probability)
     blur_sigma = uniform(*cfg.aug_blur_sigma)
-    if bool(blur.any()):
-        blurred = _gaussian_blur(images, blur_sigma)
-        images = torch.where(blur[:, None, None, None], blurred, images)
+    for index in torch.nonzero(blur).flatten().tolist():
+        images[index : index + 1] = _gaussian_blur(images[index : index + 1], blur_sigma[index : index + 1])
 
     low_resolution = chosen(cfg.aug_low_resolution_probability)
     zoom = uniform(*cfg.aug_low_resolution_zoom)
