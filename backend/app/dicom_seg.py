@@ -105,13 +105,37 @@ def build_dicom_seg(
         ) from None
     if frame_reference is not None:
         _reference_source_frame(seg, frame_reference, original_class=str(decoded.dataset.SOPClassUID))
-    _pixel_measures_readable(seg)
+    _patient_orientation(seg, decoded.dataset)
     buffer = io.BytesIO()
     seg.save_as(buffer)
     return buffer.getvalue()
 
 
 _US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+#: Image storage SOP classes that are single-frame by definition (PS3.3): a reference to one of
+#: their instances never names a frame, even when a file of that class carries NumberOfFrames.
+_SINGLE_FRAME_CLASSES = frozenset(
+    "1.2.840.10008.5.1.4.1.1." + suffix
+    for suffix in (
+        "1",  # CR
+        "1.1",
+        "1.1.1",
+        "1.2",
+        "1.2.1",
+        "1.3",
+        "1.3.1",  # DX, MG, IO
+        "2",
+        "4",
+        "6",
+        "6.1",
+        "7",
+        "128",  # CT, MR, US (retired and current), SC, PET
+        "77.1.1",
+        "77.1.2",
+        "77.1.3",
+        "77.1.4",  # VL endoscopic, microscopic, slide, photographic
+    )
+)
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -126,22 +150,30 @@ def _single_frame_view(source):
 
 
 def _reference_source_frame(seg, frame_number: int, original_class: str) -> None:
-    """Point every reference at the source instance's real SOP class and frame (1-based)."""
-    items = []
+    """Point every reference at the source instance's real SOP class, and the derivation of each
+    mask frame at the segmented source frame (1-based).
+
+    ReferencedFrameNumber belongs to the image references of the derivation (the Image SOP
+    Instance Reference macro of SourceImageSequence), not to the series/instance list of the
+    Common Instance Reference module, where the validator rejects it.
+    """
     for series in seg.get("ReferencedSeriesSequence", []):
-        items.extend(series.get("ReferencedInstanceSequence", []))
+        for item in series.get("ReferencedInstanceSequence", []):
+            item.ReferencedSOPClassUID = original_class
+    names_frames = original_class not in _SINGLE_FRAME_CLASSES
     for group in seg.get("PerFrameFunctionalGroupsSequence", []):
         for derivation in group.get("DerivationImageSequence", []):
-            items.extend(derivation.get("SourceImageSequence", []))
-    for item in items:
-        item.ReferencedSOPClassUID = original_class
-        item.ReferencedFrameNumber = frame_number
+            for item in derivation.get("SourceImageSequence", []):
+                item.ReferencedSOPClassUID = original_class
+                if names_frames:
+                    item.ReferencedFrameNumber = frame_number
 
 
-def _pixel_measures_readable(seg) -> None:
-    """2-D ultrasound has PixelSpacing but no SliceThickness; highdicom's reader wants the element
-    present, so add it empty (it is only required, with a value, for volumetric images)."""
-    for group in seg.get("SharedFunctionalGroupsSequence", []):
-        for measures in group.get("PixelMeasuresSequence", []):
-            if "PixelSpacing" in measures and "SliceThickness" not in measures:
-                measures.SliceThickness = None
+def _patient_orientation(seg, source) -> None:
+    """PatientOrientation (General Image module) is type 2C: required, possibly empty, when the
+    image has no frame of reference, as 2-D ultrasound has not. Copied from the source image
+    where it has one, else present and empty."""
+    if "FrameOfReferenceUID" in seg or "PatientOrientation" in seg:
+        return
+    value = source.get("PatientOrientation") if source is not None else None
+    seg.PatientOrientation = value if value else None

@@ -117,7 +117,13 @@ class DecodedImage:
 
 
 def sniff_kind(data: bytes) -> ImageKind | None:
-    """The image kind from the magic bytes, or None."""
+    """The image kind from the magic bytes, or None.
+
+    DICOM is tested first: its 128-byte preamble is free-form and is legally (and commonly, in
+    files written by dcmtk and GDCM) a TIFF header, so ``DICM`` at offset 128 decides.
+    """
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -126,8 +132,6 @@ def sniff_kind(data: bytes) -> ImageKind | None:
         return "bmp"
     if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return "tiff"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "dicom"
     return None
 
 
@@ -307,10 +311,17 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
             f"DICOM frame is {columns}×{rows} = {rows * columns} pixels, above the limit of {max_pixels}"
         )
     if photometric not in _SUPPORTED_PHOTOMETRIC:
-        raise UnsupportedImageError(f"unsupported DICOM PhotometricInterpretation {photometric!r}", 415)
+        # The value is not echoed: header values are the sender's data, not ours to repeat.
+        raise UnsupportedImageError(
+            "unsupported DICOM PhotometricInterpretation (supported: "
+            + ", ".join(sorted(_SUPPORTED_PHOTOMETRIC))
+            + ")",
+            415,
+        )
     index = 0 if frame is None else frame
     if index >= n_frames:
         raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
+    syntax = _transfer_syntax(ds)
 
     try:
         array = pixel_array(ds, index=index if n_frames > 1 else None)
@@ -332,9 +343,18 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         raise
     except NotImplementedError:
         raise UnsupportedImageError(
-            f"the DICOM transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')} "
-            "cannot be decoded here",
-            415,
+            f"the DICOM transfer syntax {_syntax_label(syntax)} cannot be decoded here", 415
+        ) from None
+    except RuntimeError as exc:
+        # pydicom 3: every installed decoder of this (compressed) syntax failed on the data.
+        if syntax.is_compressed and "plugins" in str(exc):
+            raise UnsupportedImageError(
+                f"the DICOM pixel data in transfer syntax {_syntax_label(syntax)} could not be decoded "
+                "by any installed decoder (a variant they do not support, or corrupt data)",
+                415,
+            ) from None
+        raise ImageError(
+            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
         ) from None
     except MemoryError:
         raise ImageTooLargeError("the DICOM pixel data is too large to decode") from None
@@ -355,6 +375,62 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         pixel_spacing_mm=dicom_pixel_spacing_mm(ds),
         dataset=ds,
     )
+
+
+def _syntax_label(syntax) -> str:
+    """``'JPEG Lossless, … (1.2.840.10008.1.2.4.70)'``: a registered syntax's name and UID.
+
+    Only registered (public) transfer syntaxes are named; a private or malformed UID is not
+    echoed back.
+    """
+    from pydicom.uid import AllTransferSyntaxes
+
+    if str(syntax) in AllTransferSyntaxes:
+        return f"{syntax.name} ({syntax})"
+    return "(unregistered TransferSyntaxUID)"
+
+
+def _native_syntax(ds):
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return None
+    if implicit:
+        return ImplicitVRLittleEndian if little else None
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _transfer_syntax(ds):
+    """The file's transfer syntax, with 415 when no installed decoder can read it."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    value = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if not value:
+        # A file without (complete) file meta: the encoding pydicom read the data set in is the
+        # only one it can have, as its pixel data is native (encapsulated data needs the meta).
+        syntax = _native_syntax(ds)
+        if syntax is None:
+            raise ImageError("the DICOM file meta information lacks TransferSyntaxUID")
+        ds.file_meta.TransferSyntaxUID = syntax
+        value = syntax
+    syntax = UID(str(value))
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise UnsupportedImageError(
+            f"the DICOM transfer syntax {_syntax_label(syntax)} has no pixel data decoder here; "
+            "re-export the image uncompressed or as JPEG / JPEG-LS / JPEG 2000 / RLE",
+            415,
+        ) from None
+    if not decoder.is_available:
+        raise UnsupportedImageError(
+            f"the DICOM transfer syntax {_syntax_label(syntax)} cannot be decoded: none of its decoder "
+            "plugins is installed",
+            415,
+        )
+    return syntax
 
 
 def _apply_gray_luts(array: np.ndarray, ds, index: int, apply_modality_lut, apply_voi_lut) -> np.ndarray:

@@ -1,0 +1,218 @@
+"""DICOM written by real toolkits (dcmtk, GDCM, scanner exports in pydicom's test data and the
+``pydicom-data`` package) decodes, and a SEG made from it passes DICOM's own validator.
+
+The files are those that pydicom ships (``pydicom/data/test_files``) and that the ``pydicom-data``
+package installs (``data_store/data``): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID
+
+from backend.app.dicom_seg import build_dicom_seg
+from backend.app.imaging import ImageError, decode_image, sniff_kind
+from tests.imaging_fixtures import PATIENT_NAME, make_dicom
+
+PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
+try:
+    import data_store
+
+    EXTRA_FILES = Path(data_store.__file__).parent / "data"
+except ImportError:  # pragma: no cover - a dev dependency
+    EXTRA_FILES = None
+
+
+def _file(name: str) -> bytes:
+    for folder in (PYDICOM_FILES, EXTRA_FILES):
+        if folder is not None and (folder / name).is_file():
+            return (folder / name).read_bytes()
+    pytest.fail(f"test file {name} is not installed (pip install pydicom-data)")
+
+
+# What each file must decode to: (rows, columns[, 3]). Chosen to cover every transfer syntax
+# and photometric interpretation that ultrasound exports use, written by several toolkits.
+MUST_DECODE = {
+    "CT_small.dcm": (128, 128),  # preamble starts with a TIFF header (II*)
+    "MR_small.dcm": (64, 64),  # likewise
+    "MR_small_RLE.dcm": (64, 64),
+    "MR_small_bigendian.dcm": (64, 64),
+    "MR_small_implicit.dcm": (64, 64),
+    "MR_small_jpeg_ls_lossless.dcm": (64, 64),
+    "MR_small_jp2klossless.dcm": (64, 64),
+    "examples_rgb_color.dcm": (240, 320, 3),  # RGB example with a TIFF preamble
+    "JPGLosslessP14SV1_1s_1f_8b.dcm": (768, 1024),  # JPEG Lossless process 14, SV1
+    "JPEG-LL.dcm": (1024, 256),  # JPEG Lossless process 14, 16-bit
+    "JPGExtended.dcm": (1024, 256),  # JPEG Extended, 12-bit
+    "SC_rgb_jpeg_dcmtk.dcm": (100, 100, 3),
+    "SC_rgb_jpeg_gdcm.dcm": (100, 100, 3),
+    "SC_rgb_dcmtk_ebcynp_dcmd.dcm": (100, 100, 3),
+    "SC_rgb_jls_lossy_line.dcm": (100, 100, 3),
+    "SC_ybr_full_422_uncompressed.dcm": (100, 100, 3),
+    "US1_J2KR.dcm": (480, 640, 3),  # ultrasound, JPEG 2000
+    "US1_UNCR.dcm": (480, 640, 3),
+    "gdcm-US-ALOKA-16.dcm": (480, 640, 3),  # ultrasound, written by GDCM
+    "OBXXXX1A_rle_2frame.dcm": (600, 800, 3),
+    "emri_small_jpeg_ls_lossless.dcm": (64, 64),
+    "examples_palette.dcm": (350, 800, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MUST_DECODE))
+def test_toolkit_files_decode(name):
+    decoded = decode_image(_file(name))
+    assert decoded.kind == "dicom"
+    assert decoded.pixels.shape == MUST_DECODE[name]
+    assert np.isfinite(decoded.pixels.astype(np.float64)).all()
+    assert float(decoded.pixels.max()) > float(decoded.pixels.min())  # real content, not a blank
+
+
+def test_every_installed_test_file_decodes_or_is_a_clean_4xx():
+    folders = [PYDICOM_FILES] + ([EXTRA_FILES] if EXTRA_FILES is not None else [])
+    files = sorted(p for folder in folders for p in folder.glob("*.dcm"))
+    assert len(files) > 100
+    decoded = 0
+    for path in files:
+        try:
+            decode_image(path.read_bytes(), filename=path.name)
+            decoded += 1
+        except ImageError as error:
+            assert 400 <= error.status_code < 500, path.name
+    assert decoded >= 100
+
+
+def test_dicom_is_recognised_before_a_tiff_preamble():
+    data = bytearray(make_dicom())
+    data[:8] = b"II*\x00\x08\x00\x00\x00"  # a TIFF header in the free-form preamble
+    assert sniff_kind(bytes(data)) == "dicom"
+    assert decode_image(bytes(data)).pixels.shape == (48, 64)
+
+
+def _with_syntax(syntax: str, *, encapsulated: bool = True) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom()))
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    if encapsulated:
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+        ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "syntax, name",
+    [
+        ("1.2.840.10008.1.2.4.100", "MPEG2 Main Profile / Main Level"),
+        ("1.2.840.10008.1.2.4.102", "MPEG-4 AVC/H.264 High Profile / Level 4.1"),
+        ("1.2.840.10008.1.2.4.92", "JPEG 2000 Part 2"),
+    ],
+)
+def test_a_syntax_without_decoder_is_415_naming_it(syntax, name):
+    with pytest.raises(ImageError) as info:
+        decode_image(_with_syntax(syntax))
+    assert info.value.status_code == 415
+    assert syntax in info.value.detail and name in info.value.detail
+    assert "truncated" not in info.value.detail
+
+
+def test_data_no_installed_decoder_reads_is_415_naming_the_syntax():
+    # pydicom's own example that every installed JPEG decoder refuses.
+    with pytest.raises(ImageError) as info:
+        decode_image(_file("JPEG-lossy.dcm"))
+    assert info.value.status_code == 415
+    assert "JPEG Extended" in info.value.detail and "1.2.840.10008.1.2.4.51" in info.value.detail
+
+
+def test_a_private_syntax_uid_is_not_echoed():
+    with pytest.raises(ImageError) as info:
+        decode_image(_with_syntax("1.2.3.4.5.999.SECRET".replace(".SECRET", ".77")))
+    assert info.value.status_code == 415
+    assert "1.2.3.4.5.999.77" not in info.value.detail
+
+
+def test_header_values_are_not_echoed():
+    ds = pydicom.dcmread(io.BytesIO(make_dicom()))
+    ds.PhotometricInterpretation = "SECRETPHOTO"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageError) as info:
+        decode_image(buffer.getvalue())
+    assert info.value.status_code == 415
+    assert "PhotometricInterpretation" in info.value.detail
+    assert "SECRETPHOTO" not in info.value.detail and PATIENT_NAME not in info.value.detail
+
+
+def test_a_file_without_file_meta_decodes_in_the_encoding_it_was_read_in():
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom()))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)  # no preamble, no file meta
+    assert decode_image(buffer.getvalue(), filename="scan.dcm").pixels.shape == (48, 64)
+
+
+# ----------------------------------------------------------------------------- SEG validation
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def _dciodvfy_errors(content: bytes, tmp_path: Path) -> list[str]:
+    if DCIODVFY is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy (Debian's dicom3tools) is not installed; scripts/test.sh installs it")
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(content)
+    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert any("Segmentation" in line for line in lines), lines[:5]  # it did check a SEG
+    return [line for line in lines if line.startswith("Error")]
+
+
+SEG_SOURCES = {
+    "us-mono8": lambda: make_dicom(),
+    "us-mono16-spacing": lambda: make_dicom(bits=16, pixel_spacing=(0.1, 0.1)),
+    "us-regions": lambda: make_dicom(us_regions_cm=(0.01, 0.01)),
+    "us-rgb": lambda: make_dicom("RGB"),
+    "us-ybr": lambda: make_dicom("YBR_FULL"),
+    "us-cine": lambda: make_dicom(frames=3),
+    "us-cine-rgb": lambda: make_dicom("RGB", frames=2),
+    "US1_UNCR.dcm": lambda: _file("US1_UNCR.dcm"),
+    "gdcm-US-ALOKA-16.dcm": lambda: _file("gdcm-US-ALOKA-16.dcm"),
+    "SC_rgb_2frame.dcm": lambda: _file("SC_rgb_2frame.dcm"),
+    "CT_small.dcm": lambda: _file("CT_small.dcm"),
+}
+
+
+@pytest.mark.parametrize("segments", ["both", "refined"])
+@pytest.mark.parametrize("source", sorted(SEG_SOURCES))
+def test_seg_passes_dciodvfy(source, segments, tmp_path):
+    data = SEG_SOURCES[source]()
+    decoded = decode_image(data, frame=1 if decode_image(data).n_frames > 1 else None)
+    mask = np.zeros((decoded.height, decoded.width), bool)
+    mask[decoded.height // 4 : decoded.height // 2, decoded.width // 4 : decoded.width // 2] = True
+    empty = np.zeros_like(mask)
+    content = build_dicom_seg(decoded, empty, mask, model_version="test-model", segments=segments)
+    assert _dciodvfy_errors(content, tmp_path) == []
+    seg = pydicom.dcmread(io.BytesIO(content))
+    source_ds = pydicom.dcmread(io.BytesIO(data))
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+    if decoded.n_frames > 1 and "FrameOfReferenceUID" not in source_ds:
+        derivation = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
+        item = derivation.SourceImageSequence[0]
+        if source_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1":  # US Multi-frame
+            assert int(item.ReferencedFrameNumber) == 2
+        else:
+            assert "ReferencedFrameNumber" not in item
