@@ -54,6 +54,19 @@ def serve(
         where = ".".join(str(part) for part in first.get("loc", ()))
         typer.echo(f"error: {where}: {first.get('msg')}", err=True)
         raise typer.Exit(2) from None
+    if settings.admin_token is None:
+        # Never a placeholder: a token for this process, printed once (as `start` does).
+        import secrets
+
+        from pydantic import SecretStr
+
+        token = secrets.token_urlsafe(24)
+        settings = settings.model_copy(update={"admin_token": SecretStr(token)})
+        typer.echo(
+            f"ADMIN_TOKEN is not set: admin token for this server process: {token}\n"
+            "(set ADMIN_TOKEN in the environment or .env to choose a lasting one)",
+            err=True,
+        )
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, workers=1)
 
 

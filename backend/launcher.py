@@ -80,9 +80,8 @@ def start(
     from backend.app.core.settings import Settings
 
     env = dict(os.environ)
-    # Never run with the placeholder token: without ADMIN_TOKEN (environment or .env), make one.
-    placeholder = Settings.model_fields["admin_token"].default.get_secret_value()
-    token_generated = Settings().admin_token.get_secret_value() == placeholder
+    # Never run with a placeholder token: without ADMIN_TOKEN (environment or .env), make one.
+    token_generated = Settings().admin_token is None
     if token_generated:
         env["ADMIN_TOKEN"] = secrets.token_urlsafe(24)
     services = build_services(host, api_port, ui_port)

@@ -18,9 +18,11 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.app.api.deps import AuthGateMiddleware, route_table
 from backend.app.api.routes import health, segment
@@ -168,8 +170,18 @@ class MetricsMiddleware:
             REQUEST_LATENCY.labels(route=label, method=method).observe(time.perf_counter() - started)
 
 
+def _log_rejected(request: Request, status_code: int, what: str) -> None:
+    """One line per rejected request: method, route, status and the names of what was wrong
+    (never the values sent)."""
+    log.info("rejected %s %s: %d (%s)", request.method, request.url.path, status_code, what)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError):
     """Segment routes answer ``{"detail": "<field>: <problem>"}``; others keep FastAPI's format."""
+    fields = sorted(
+        {".".join(str(part) for part in error.get("loc", ())) or "request" for error in exc.errors()}
+    )
+    _log_rejected(request, 422, "invalid " + ", ".join(fields[:8]))
     if not request.url.path.startswith("/segment"):
         return await request_validation_exception_handler(request, exc)
     problems = []
@@ -177,6 +189,47 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body"))
         problems.append(f"{where}: {error.get('msg', 'invalid value')}")
     return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if 400 <= exc.status_code < 500:
+        _log_rejected(request, exc.status_code, "http error")
+    return await http_exception_handler(request, exc)
+
+
+def _documented_openapi(app: FastAPI, settings: Settings):
+    """The app's OpenAPI, describing the security this server actually applies: the ``/segment``
+    API key (scheme and 401 answer) only when ``API_KEY`` is set."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        if settings.api_key is None or not settings.api_key.get_secret_value():
+            _drop_security_scheme(schema, "ApiKey")
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
+def _drop_security_scheme(schema: dict, name: str) -> None:
+    for operations in (schema.get("paths") or {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "security" not in operation:
+                continue
+            kept = [req for req in operation["security"] if name not in req]
+            if len(kept) == len(operation["security"]):
+                continue
+            if kept:
+                operation["security"] = kept
+            else:
+                del operation["security"]
+                # The only 401 such an operation could answer was the missing key.
+                (operation.get("responses") or {}).pop("401", None)
+    schemes = (schema.get("components") or {}).get("securitySchemes") or {}
+    schemes.pop(name, None)
 
 
 async def _unexpected_error(request: Request, exc: Exception):
@@ -189,7 +242,8 @@ async def _unexpected_error(request: Request, exc: Exception):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    # Swagger UI and ReDoc from the installed fastapi-offline package: /docs works without internet.
+    app = FastAPIOffline(
         title="UltraRefiner Studio API",
         version="0.1.0",
         description=API_DESCRIPTION,
@@ -209,7 +263,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if router is not None:
             app.include_router(router)
 
+    app.openapi = _documented_openapi(app, settings)
+    if settings.admin_token is None:
+        log.warning(
+            "no ADMIN_TOKEN is configured (unset or a placeholder): "
+            "the admin routes answer 503 until one is set"
+        )
+
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     # Outermost first: metrics see every answer, including the gate's 401s.
     app.add_middleware(AuthGateMiddleware)

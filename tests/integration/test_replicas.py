@@ -64,6 +64,7 @@ def test_activation_reaches_every_replica(tmp_path, caplog):
         embedded_broker_dir=tmp_path / "broker",
         redis_url=None,
         active_model_poll_s=0.2,
+        inference_engine="torch",  # the engines have their own tests
     )
     init_db(settings)
     ids = {path.name: register(settings, path) for path in (first, second, broken)}

@@ -114,6 +114,91 @@ def test_every_route_requires_the_admin_token(client, method, path):
     assert wrong.status_code == 401
 
 
+HUGE_IDS = [2**63, 2**63 - 1 + 10**6, 10**30]
+
+
+@pytest.mark.parametrize("value", HUGE_IDS)
+@pytest.mark.parametrize(
+    ("method", "template"),
+    [
+        ("GET", "/api/runs/{}"),
+        ("GET", "/api/runs/{}/metrics"),
+        ("POST", "/api/runs/{}/cancel"),
+        ("POST", "/api/runs/{}/resume"),
+        ("POST", "/api/models/{}/activate"),
+        ("GET", "/api/runs?offset={}"),
+    ],
+)
+def test_ids_and_offsets_beyond_the_store_are_422_not_500(client, method, template, value, caplog):
+    with caplog.at_level("INFO", logger="backend.app"):
+        response = client.request(method, template.format(value), headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert "less than or equal to 9223372036854775807" in response.text
+    rejected = [r for r in caplog.records if r.getMessage().startswith("rejected ")]
+    assert len(rejected) == 1 and "422" in rejected[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)  # one line, no traceback
+
+
+def test_the_largest_storable_id_is_a_plain_404(client):
+    largest = 2**63 - 1
+    for method, path in [
+        ("GET", f"/api/runs/{largest}"),
+        ("GET", f"/api/runs/{largest}/metrics"),
+        ("POST", f"/api/runs/{largest}/cancel"),
+        ("POST", f"/api/runs/{largest}/resume"),
+        ("POST", f"/api/models/{largest}/activate"),
+    ]:
+        assert client.request(method, path, headers=AUTH).status_code == 404, path
+    page = client.get(f"/api/runs?offset={largest}", headers=AUTH)
+    assert page.status_code == 200 and page.json()["items"] == []
+
+
+@pytest.mark.parametrize("placeholder", [None, "", "change-me", "change-me-to-a-long-random-string"])
+def test_no_admin_token_or_a_placeholder_disables_the_admin_routes(tmp_path, placeholder):
+    kwargs = {} if placeholder is None else {"admin_token": placeholder}
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 's.sqlite'}", runs_dir=tmp_path / "runs", **kwargs
+    )
+    assert settings.admin_token is None
+    client = TestClient(make_app(settings))
+    for token in ("change-me", "change-me-to-a-long-random-string", ""):
+        response = client.get("/api/runs", headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 503
+        assert "ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_openapi_documents_admin_answers_and_the_api_key_only_when_set(client, tmp_path):
+    schema = client.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/api/"):
+                assert "401" in operation["responses"], path
+                assert operation["security"] == [{"AdminBearer": []}]
+            if "{" in path:
+                assert "404" in operation["responses"], path
+            if path.startswith("/segment"):
+                assert "security" not in operation and "401" not in operation["responses"]
+    assert "ApiKey" not in schema["components"]["securitySchemes"]
+
+    keyed = Settings(
+        database_url=f"sqlite:///{tmp_path / 'k.sqlite'}", admin_token=TOKEN, api_key="secret-key"
+    )
+    keyed_schema = TestClient(make_app(keyed)).get("/openapi.json").json()
+    segment = keyed_schema["paths"]["/segment"]["post"]
+    assert segment["security"] == [{"ApiKey": []}] and "401" in segment["responses"]
+
+
+def test_docs_are_served_without_internet(client):
+    for page, asset_names in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc",))):
+        html = client.get(page).text
+        assert "cdn.jsdelivr.net" not in html and "unpkg.com" not in html
+        for name in asset_names:
+            assert name in html
+        for url in __import__("re").findall(r'(?:src|href)="(/[^"]+)"', html):
+            asset = client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 1000, url
+
+
 def test_401_comes_before_body_validation(client, enqueued):
     for body in ({"folds": 1, "bogus": True}, "not json"):
         kwargs = {"json": body} if isinstance(body, dict) else {"content": body}

@@ -54,6 +54,7 @@ def make_settings(tmp_path: Path, bundle_path: Path, **overrides) -> Settings:
         max_queue=4,
         embedding_cache_items=8,
         onnx_cache_dir=tmp_path / "onnx",
+        inference_engine="torch",  # the default (auto) has its own test below
     )
     values.update(overrides)
     return Settings(**values)
@@ -567,3 +568,15 @@ def test_auto_engine_serves_the_engine_it_resolves_to(bundle_path, tmp_path):
     assert ready["inference_engine"] == ("openvino-bf16" if cpu_has_native_bf16() else "onnx-int8")
     both = masks["torch"].sum() + masks["auto"].sum()
     assert both == 0 or 2 * (masks["torch"] & masks["auto"]).sum() / both > 0.95
+
+
+def test_the_default_engine_is_auto_everywhere():
+    """A new user gets the fast engine: Settings, `serve`/`start` (which read Settings) and compose."""
+    import yaml
+
+    from backend.app.core.settings import Settings as FreshSettings
+    from training.config import REPO_ROOT
+
+    assert FreshSettings.model_fields["inference_engine"].default == "auto"
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["api"]["environment"]["INFERENCE_ENGINE"] == "${INFERENCE_ENGINE:-auto}"

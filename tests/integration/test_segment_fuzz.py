@@ -33,6 +33,7 @@ def served_app(tmp_path_factory):
             max_upload_mb=1.0,
             max_image_pixels=1_000_000,
             embedding_cache_items=4,
+            inference_engine="torch",  # the engines have their own tests
         )
     )
     app.state.model_holder.load(bundle, source="settings")  # schemathesis calls skip the lifespan

@@ -61,6 +61,8 @@ def test_start_runs_three_services_and_ctrl_c_stops_them(tmp_path):
         api = f"http://127.0.0.1:{api_port}"
         ready = httpx.get(f"{api}/ready", timeout=10).json()
         assert ready["ready"] is True
+        # A new user gets the fast engine (auto), not eager torch.
+        assert ready["inference_engine"] in ("openvino-bf16", "onnx-int8")
         assert httpx.get(f"{api}/api/runs", timeout=10).status_code == 401
         signed_in = httpx.get(f"{api}/api/runs", headers={"Authorization": f"Bearer {token}"}, timeout=10)
         assert signed_in.status_code == 200
@@ -75,3 +77,47 @@ def test_start_runs_three_services_and_ctrl_c_stops_them(tmp_path):
     for port in (api_port, ui_port):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=3)
+
+
+def test_serve_without_admin_token_generates_one_and_never_accepts_a_placeholder(tmp_path):
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key not in {"ADMIN_TOKEN", "DATABASE_URL"}}
+    env |= {"DATABASE_URL": f"sqlite:///{tmp_path / 'store.sqlite'}", "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "serve", "--port", str(port), "--engine", "torch"],
+            env=env,
+            cwd=tmp_path,  # no .env here
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 200
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "serve did not become ready"
+            try:
+                if httpx.get(f"{api}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        output = log_path.read_text(errors="replace")
+        tokens = re.findall(r"admin token for this server process: (\S+)", output)
+        assert len(tokens) == 1 and len(tokens[0]) >= 24, output[-2000:]
+        for placeholder in ("change-me", "change-me-to-a-long-random-string"):
+            headers = {"Authorization": f"Bearer {placeholder}"}
+            assert httpx.get(f"{api}/api/runs", headers=headers, timeout=10).status_code == 401
+        headers = {"Authorization": f"Bearer {tokens[0]}"}
+        assert httpx.get(f"{api}/api/runs", headers=headers, timeout=10).status_code == 200
+        assert output.count(tokens[0]) == 1  # printed once, never logged again
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -45,6 +45,7 @@ def api_url(tmp_path_factory) -> str:
         onnx_cache_dir=root / "onnx",
         model_path=None,
         device="cpu",
+        inference_engine="torch",  # the engines have their own tests
     )
     app = create_app(settings)
     # Bind the socket here and hand it to uvicorn: no race for the port with parallel tests.

@@ -25,7 +25,7 @@ import hmac
 import logging
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from backend.app.core.settings import Settings, get_settings
@@ -78,8 +78,18 @@ def check_api_key(settings: Settings, given: str | None) -> None:
         )
 
 
+ADMIN_DISABLED = (
+    "the admin routes are disabled: no admin token is configured. Set ADMIN_TOKEN (environment or "
+    ".env) to a long random string, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))', "
+    "and restart; `ultrarefiner serve` and `ultrarefiner start` generate one when it is unset"
+)
+
+
 def check_admin(settings: Settings, authorization: str | None) -> None:
-    """Raise 401 unless ``authorization`` is ``Bearer <settings.admin_token>``."""
+    """Raise 401 unless ``authorization`` is ``Bearer <settings.admin_token>``; 503 when the server
+    has no admin token (unset or a placeholder: never accepted)."""
+    if settings.admin_token is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=ADMIN_DISABLED)
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not _same_secret(token.strip(), settings.admin_token.get_secret_value()):
         raise HTTPException(
@@ -102,6 +112,22 @@ def require_admin(
     header = f"{credentials.scheme} {credentials.credentials}" if credentials else None
     check_admin(settings, header)
 
+
+#: The largest id or offset the store can hold (a signed 64-bit integer in SQLite and PostgreSQL);
+#: larger values are a 422 naming the bound, never a database overflow.
+MAX_RECORD_ID = 2**63 - 1
+
+RunIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Run id.")]
+ModelIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Model version id.")]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_RECORD_ID, description="Rows to skip.")]
+
+#: OpenAPI answers of every admin route (``APIRouter(responses=ADMIN_RESPONSES)``), and of those
+#: that address one record.
+ADMIN_RESPONSES: dict[int | str, dict] = {
+    401: {"description": "Missing or invalid admin token (Authorization: Bearer <ADMIN_TOKEN>)."},
+    503: {"description": "The server has no admin token configured (ADMIN_TOKEN unset)."},
+}
+NOT_FOUND_RESPONSE: dict[int | str, dict] = {404: {"description": "No record with this id."}}
 
 #: Parameter style: ``def route(_: AdminDep, ...)``.
 AdminDep = Annotated[None, Depends(require_admin)]

@@ -6,12 +6,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.config import REPO_ROOT
 
 VAR_DIR = REPO_ROOT / "var"
+
+#: Values that only stand in for a real admin token (templates, old defaults): never accepted.
+ADMIN_TOKEN_PLACEHOLDERS = frozenset({"", "change-me", "changeme", "change-me-to-a-long-random-string"})
+
+
+def is_placeholder_token(value: str | None) -> bool:
+    """Whether ``value`` is no admin token at all: unset, empty or a template's placeholder."""
+    if value is None:
+        return True
+    text = value.strip().lower()
+    return text in ADMIN_TOKEN_PLACEHOLDERS or text.startswith("change-me")
 
 
 class Settings(BaseSettings):
@@ -23,7 +34,12 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(None, description="Celery broker; unset → embedded broker (no server).")
     embedded_broker_dir: Path = Field(VAR_DIR / "broker", description="Folder of the embedded broker.")
-    admin_token: SecretStr = Field(SecretStr("change-me"), description="Bearer token of the admin routes.")
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the admin routes. Unset (or a placeholder such as 'change-me'): "
+        "the admin routes answer 503 saying how to set one; `ultrarefiner serve` and `start` generate "
+        "one and print it once.",
+    )
     api_key: SecretStr | None = Field(None, description="If set, /segment requires header X-API-Key.")
     model_path: Path | None = Field(None, description="Bundle to serve; unset → active model or default.")
     models_dir: Path = Field(VAR_DIR / "models", description="Shared folder of exported model bundles.")
@@ -39,7 +55,7 @@ class Settings(BaseSettings):
     max_batch_upload_mb: float = Field(128.0, gt=0, description="Largest accepted /segment/batch body (MiB).")
     max_points: int = Field(64, ge=1, description="Most clinician points in one /segment request.")
     inference_engine: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "auto"] = Field(
-        "torch",
+        "auto",
         description="Inference engine of the three networks: 'torch' (eager), 'onnx' (ONNX Runtime "
         "fp32), 'onnx-int8' (ONNX Runtime, int8 dynamic quantisation of the encoder's MatMuls), "
         "'openvino' (OpenVINO fp32), 'openvino-bf16' (OpenVINO bf16; CPUs with native bf16) or "
@@ -61,6 +77,13 @@ class Settings(BaseSettings):
         description="How often an API replica checks the store's active model and loads it when it "
         "changed (activation through another replica); 0 turns the check off.",
     )
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _no_placeholder_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or is_placeholder_token(value.get_secret_value()):
+            return None
+        return value
 
 
 @lru_cache

@@ -11,14 +11,14 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from backend.app.api.deps import AdminDep
+from backend.app.api.deps import ADMIN_RESPONSES, NOT_FOUND_RESPONSE, AdminDep, ModelIdPath
 from backend.app.api.routes.runs import SessionDep
 from backend.app.db import crud
 from backend.app.schemas.runs import ModelList, ModelVersionRead
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api", tags=["models"])
+router = APIRouter(prefix="/api", tags=["models"], responses=ADMIN_RESPONSES)
 
 
 @router.get("/models", response_model=ModelList, summary="Registered model versions, newest first")
@@ -32,9 +32,10 @@ def list_models(_: AdminDep, session: SessionDep) -> ModelList:
     "/models/{version_id}/activate",
     response_model=ModelVersionRead,
     summary="Make a model version the served one (exactly one is active)",
+    responses={**NOT_FOUND_RESPONSE, 409: {"description": "The bundle is missing or does not load."}},
 )
 async def activate_model(
-    _: AdminDep, version_id: int, request: Request, session: SessionDep
+    _: AdminDep, version_id: ModelIdPath, request: Request, session: SessionDep
 ) -> ModelVersionRead:
     """Hot-swap the serving model to this version, then record it as the one active version.
 

@@ -17,7 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from backend.app.api.deps import AdminDep, SettingsDep
+from backend.app.api.deps import (
+    ADMIN_RESPONSES,
+    NOT_FOUND_RESPONSE,
+    AdminDep,
+    OffsetQuery,
+    RunIdPath,
+    SettingsDep,
+)
 from backend.app.core.settings import Settings
 from backend.app.db import crud
 from backend.app.db.models import Run, RunStatus
@@ -36,7 +43,7 @@ from backend.app.schemas.runs import (
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api", tags=["runs"])
+router = APIRouter(prefix="/api", tags=["runs"], responses=ADMIN_RESPONSES)
 
 
 def get_db(settings: SettingsDep) -> Iterator[Session]:
@@ -148,7 +155,7 @@ def list_runs(
     session: SessionDep,
     status_: Annotated[RunStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
 ) -> RunList:
     crud.mark_lost_runs(session, lost_after_s=settings.run_lost_after_s)
     session.commit()
@@ -161,15 +168,23 @@ def list_runs(
 
 
 @router.get(
-    "/runs/{run_id}", response_model=RunRead, summary="A run: status, phase, fold, epoch, progress, ETA"
+    "/runs/{run_id}",
+    response_model=RunRead,
+    summary="A run: status, phase, fold, epoch, progress, ETA",
+    responses=NOT_FOUND_RESPONSE,
 )
-def get_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
+def get_run(_: AdminDep, run_id: RunIdPath, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, settings, run_id)
     return run
 
 
-@router.get("/runs/{run_id}/metrics", response_model=RunMetrics, summary="Epoch metrics, folds, evaluations")
-def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> RunMetrics:
+@router.get(
+    "/runs/{run_id}/metrics",
+    response_model=RunMetrics,
+    summary="Epoch metrics, folds, evaluations",
+    responses=NOT_FOUND_RESPONSE,
+)
+def get_run_metrics(_: AdminDep, run_id: RunIdPath, settings: SettingsDep, session: SessionDep) -> RunMetrics:
     run = _run_or_404(session, settings, run_id)
     return RunMetrics(
         run_id=run.id,
@@ -180,8 +195,13 @@ def get_run_metrics(_: AdminDep, run_id: int, settings: SettingsDep, session: Se
     )
 
 
-@router.post("/runs/{run_id}/cancel", response_model=RunRead, summary="Cancel a run (within one step)")
-def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
+@router.post(
+    "/runs/{run_id}/cancel",
+    response_model=RunRead,
+    summary="Cancel a run (within one step)",
+    responses={**NOT_FOUND_RESPONSE, 409: {"description": "The run has already ended."}},
+)
+def cancel_run(_: AdminDep, run_id: RunIdPath, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, settings, run_id)
     try:
         crud.request_cancel(session, run)
@@ -190,8 +210,17 @@ def cancel_run(_: AdminDep, run_id: int, settings: SettingsDep, session: Session
     return run
 
 
-@router.post("/runs/{run_id}/resume", response_model=RunRead, summary="Resume from the last checkpoint")
-def resume_run(_: AdminDep, run_id: int, settings: SettingsDep, session: SessionDep) -> Run:
+@router.post(
+    "/runs/{run_id}/resume",
+    response_model=RunRead,
+    summary="Resume from the last checkpoint",
+    responses={
+        **NOT_FOUND_RESPONSE,
+        409: {"description": "The run cannot be resumed in its state."},
+        503: {"description": "The task queue is unavailable (or no admin token is configured)."},
+    },
+)
+def resume_run(_: AdminDep, run_id: RunIdPath, settings: SettingsDep, session: SessionDep) -> Run:
     run = _run_or_404(session, settings, run_id)
     try:
         crud.prepare_resume(session, run)
