@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from backend.app.engines.names import ENGINE_HELP
 from training.cli import app
 
 __all__ = ["app"]
@@ -28,10 +29,7 @@ def serve(
     ] = None,
     engine: Annotated[
         str | None,
-        typer.Option(
-            help="Inference engine: torch, onnx, onnx-int8, openvino, openvino-bf16 or auto "
-            "(default: settings)."
-        ),
+        typer.Option(help=f"Inference engine: {ENGINE_HELP}. Default: INFERENCE_ENGINE, else auto."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:

@@ -2,7 +2,7 @@
 bf16); prints JSON.
 
 The same model is run over N BUSI lesion images (benign + malignant) once per engine of
-``--engines`` (:mod:`backend.app.accelerate`: the engine runs the coarse TransUNet, the image
+``--engines`` (:mod:`backend.app.engines`: the engine runs the coarse TransUNet, the image
 encoder and the mask decoder; prompt derivation and paste-back are the same torch code).
 Two prompt modes:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.app.accelerate import ENGINES, accelerate_predictor
+from backend.app.engines import ENGINE_NAMES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.inference import Predictor
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
     parser.add_argument("--model", type=Path, help="Bundle (default: shipped default / untrained).")
     parser.add_argument("--prompt", choices=["box", "coarse"], default="box")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="Comma-separated engines.")
+    parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="Comma-separated engines.")
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     parser.add_argument("--split-file", type=Path, help="Use every lesion image of this split's test set.")
     args = parser.parse_args(argv)

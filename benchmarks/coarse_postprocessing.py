@@ -31,7 +31,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from backend.app.accelerate import ENGINES, accelerate_predictor
+from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fold", type=int, required=True, help="Validation fold of the served coarse model.")
     parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
     parser.add_argument("--model", type=Path, help="Bundle (default: shipped default).")
-    parser.add_argument("--engine", choices=ENGINES, default="onnx-int8", help="Inference engine.")
+    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="onnx-int8", help="Inference engine.")
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     args = parser.parse_args(argv)
 

@@ -4,13 +4,13 @@ Random initialisation (``pretrained=False``) is enough for timing. For each back
 encoder (``Refiner.encode``) and the prompt/mask decoder (``Refiner.forward`` on the embedding,
 prompts derived from a synthetic coarse mask) are timed separately; ``forward_ms`` is their sum.
 
-``--engine onnx|onnx-int8|openvino|openvino-bf16`` runs the ``litemedsam`` encoder and decoder in
-ONNX Runtime or OpenVINO, as the server does with that ``INFERENCE_ENGINE``
-(:mod:`backend.app.accelerate`; exported into a
-temporary folder first, untimed); ``sam_vit_b`` always runs in eager PyTorch, as
-segment-anything ships it.
+``litemedsam`` runs on the server's default engine (``auto``: OpenVINO bf16 on a CPU with native
+bf16, else ONNX Runtime int8), as a new user's server does; ``--engine torch|onnx|onnx-int8|
+openvino|openvino-bf16`` picks another (:mod:`backend.app.engines`; graphs exported into a
+temporary folder first, untimed). ``sam_vit_b`` always runs in eager PyTorch, as segment-anything
+ships it.
 
-    python benchmarks/refiner_speed.py --repeats 3 [--engine onnx-int8]
+    python benchmarks/refiner_speed.py --repeats 3 [--engine torch]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from backend.app.accelerate import ENGINES
+from backend.app.engines import DEFAULT_ENGINE, ENGINE_CHOICES, resolve_engine
 from training.config import RefinerConfig
 from training.modeling.refiner import build_refiner
 
@@ -39,11 +39,12 @@ def synthetic_coarse_probs(side: int) -> torch.Tensor:
 
 
 def time_backbone(backbone: str, repeats: int, warmup: int, engine: str = "torch") -> dict:
+    engine = resolve_engine(engine)
     torch.manual_seed(0)
     refiner = build_refiner(RefinerConfig(backbone=backbone, pretrained=False)).eval()
     parameters = sum(p.numel() for p in refiner.parameters())
     if engine != "torch":
-        from backend.app.accelerate import accelerate_refiner
+        from backend.app.engines import accelerate_refiner
 
         accelerate_refiner(refiner, engine, Path(tempfile.mkdtemp(prefix="refiner-speed-onnx-")))
     side = int(refiner.input_size)
@@ -83,7 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="Timed forwards per backbone (median kept).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed forwards first.")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice).")
-    parser.add_argument("--engine", choices=ENGINES, default="torch", help="Engine of litemedsam.")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=DEFAULT_ENGINE,
+        help="Engine of litemedsam (default: the server's default, auto).",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -152,16 +152,14 @@ class ModelHolder:
         from training.inference import Predictor
 
         predictor = Predictor.from_bundle(path, device=self.settings.device)
-        engine = self.settings.inference_engine
-        if engine != "torch":
-            from backend.app.accelerate import AccelerationError, accelerate_predictor, resolve_engine
+        from backend.app.engines import AccelerationError, get_engine, resolve_engine
 
-            engine = resolve_engine(engine)
-            try:
-                accelerate_predictor(predictor, engine, self.settings.onnx_cache_dir)
-            except AccelerationError as error:
-                log.warning("inference engine %r unavailable, serving with torch: %s", engine, error)
-                engine = "torch"
+        engine = resolve_engine(self.settings.inference_engine)
+        try:
+            get_engine(engine).prepare_predictor(predictor, self.settings.onnx_cache_dir)
+        except AccelerationError as error:
+            log.warning("inference engine %r unavailable, serving with torch: %s", engine, error)
+            engine = "torch"
         if self.settings.embedding_cache_items > 0:  # around the (possibly ONNX) coarse network
             predictor.coarse = CachedCoarse(predictor.coarse, self.settings.embedding_cache_items).eval()
         return predictor, engine

@@ -557,7 +557,7 @@ def test_onnx_engine(bundle_path, tmp_path):
 def test_auto_engine_serves_the_engine_it_resolves_to(bundle_path, tmp_path):
     """``INFERENCE_ENGINE=auto``: OpenVINO bf16 on a CPU with native bf16, else ONNX Runtime int8;
     /ready names the engine actually serving, and its masks agree with torch's."""
-    from backend.app.accelerate import cpu_has_native_bf16
+    from backend.app.engines import cpu_has_native_bf16
 
     data = busi_images(1)[0].read_bytes()
     masks = {}

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.app.engines.names import DEFAULT_ENGINE, ENGINE_HELP, EngineChoice
 from training.config import REPO_ROOT
 
 VAR_DIR = REPO_ROOT / "var"
@@ -54,12 +54,8 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(16, ge=1, description="Most files in one /segment/batch request.")
     max_batch_upload_mb: float = Field(128.0, gt=0, description="Largest accepted /segment/batch body (MiB).")
     max_points: int = Field(64, ge=1, description="Most clinician points in one /segment request.")
-    inference_engine: Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "auto"] = Field(
-        "auto",
-        description="Inference engine of the three networks: 'torch' (eager), 'onnx' (ONNX Runtime "
-        "fp32), 'onnx-int8' (ONNX Runtime, int8 dynamic quantisation of the encoder's MatMuls), "
-        "'openvino' (OpenVINO fp32), 'openvino-bf16' (OpenVINO bf16; CPUs with native bf16) or "
-        "'auto' (openvino-bf16 where the CPU has native bf16, else onnx-int8).",
+    inference_engine: EngineChoice = Field(
+        DEFAULT_ENGINE, description=f"Inference engine of the three networks: {ENGINE_HELP}."
     )
     onnx_cache_dir: Path = Field(
         VAR_DIR / "cache" / "onnx", description="Where the exported (and quantised) ONNX graphs are kept."

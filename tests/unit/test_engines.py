@@ -1,4 +1,4 @@
-"""ONNX Runtime inference (``backend.app.accelerate``): the exported coarse TransUNet, image
+"""The serving engines (``backend.app.engines``): the exported coarse TransUNet, image
 encoder and mask decoder give the torch outputs, for every prompt combination, and are exported
 once per set of weights."""
 
@@ -9,15 +9,9 @@ import pytest
 import torch
 from test_refiner import SIDE, TINY_TRANSUNET, tiny_refiner
 
-from backend.app.accelerate import (
-    AccelerationError,
-    OnnxCoarse,
-    OnnxImageEncoder,
-    OnnxMaskDecoder,
-    OpenVinoSession,
-    accelerate_predictor,
-    cpu_has_native_bf16,
-)
+from backend.app.engines import AccelerationError, accelerate_predictor, cpu_has_native_bf16
+from backend.app.engines.graph import OnnxCoarse, OnnxImageEncoder, OnnxMaskDecoder
+from backend.app.engines.openvino_engine import OpenVinoSession
 from training.config import RefinerConfig
 from training.modeling.prompts import Prompts
 from training.modeling.transunet import build_transunet
@@ -182,13 +176,30 @@ def test_openvino_bf16_is_close_to_torch_and_thread_safe(tmp_path):
 
 
 def test_auto_resolves_by_cpu(monkeypatch):
-    import backend.app.accelerate as accelerate
+    from backend.app.engines import registry
 
-    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: True)
-    assert accelerate.resolve_engine("auto") == "openvino-bf16"
-    monkeypatch.setattr(accelerate, "cpu_has_native_bf16", lambda: False)
-    assert accelerate.resolve_engine("auto") == "onnx-int8"
-    assert accelerate.resolve_engine("onnx") == "onnx"  # an explicit engine is kept
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: True)
+    assert registry.resolve_engine("auto") == "openvino-bf16"
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: False)
+    assert registry.resolve_engine("auto") == "onnx-int8"
+    assert registry.resolve_engine("onnx") == "onnx"  # an explicit engine is kept
+    with pytest.raises(ValueError, match="known: torch, onnx"):
+        registry.resolve_engine("tensorrt")
+
+
+def test_one_engine_per_name_and_settings_accept_exactly_those():
+    from typing import get_args
+
+    from backend.app.core.settings import Settings
+    from backend.app.engines import ENGINE_CHOICES, ENGINE_NAMES, ENGINES, Engine
+
+    assert tuple(ENGINES) == ENGINE_NAMES
+    assert all(issubclass(cls, Engine) and cls.name == name for name, cls in ENGINES.items())
+    assert len({cls for cls in ENGINES.values()}) == len(ENGINES)
+    annotation = Settings.model_fields["inference_engine"].annotation
+    assert get_args(annotation) == ENGINE_CHOICES
+    with pytest.raises(ValueError):
+        Settings(inference_engine="tensorrt")
 
 
 def test_openvino_bf16_refused_without_native_bf16(tmp_path, monkeypatch):
