@@ -26,9 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.app.api.deps import AuthGateMiddleware, route_table
 from backend.app.api.routes import health, segment
-from backend.app.api.routes.health import REQUEST_LATENCY, REQUESTS
 from backend.app.core.settings import Settings, get_settings
+from backend.app.metrics import REQUEST_LATENCY, REQUESTS
 from backend.app.model_holder import ModelHolder
+from backend.app.serving.admission import Admission
 
 log = logging.getLogger("backend.app")
 
@@ -252,9 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store_ready = False
     app.state.model_holder = ModelHolder(settings)
-    app.state.admission = segment.Admission(
-        settings.max_concurrency, settings.max_queue, settings.retry_after_s
-    )
+    app.state.admission = Admission(settings.max_concurrency, settings.max_queue, settings.retry_after_s)
 
     app.include_router(health.router)
     app.include_router(segment.router)

@@ -335,12 +335,12 @@ def test_bad_inputs(client, data, params, form, status, words, fast_refiner_enco
 
 
 def test_unexpected_decoder_error_is_422_and_logs_only_the_type(client, monkeypatch, caplog):
-    from backend.app.api.routes import segment as segment_route
+    from backend.app.serving import service
 
     def explode(*args, **kwargs):
         raise RuntimeError(f"decoder crashed while reading {PATIENT_NAME}")
 
-    monkeypatch.setattr(segment_route, "decode_image", explode)
+    monkeypatch.setattr(service, "decode_image", explode)
     caplog.set_level(logging.DEBUG)
     response = post_image(client, png_bytes(gradient()))
     assert response.status_code == 422

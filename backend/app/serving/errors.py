@@ -1,0 +1,25 @@
+"""The error a ``/segment`` request is answered with (status, JSON detail, headers)."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from backend.app.imaging import ImageError
+from backend.app.metrics import SEGMENT_ERRORS
+
+
+class SegmentError(Exception):
+    """A request problem answered with ``status_code`` and a JSON ``{"detail": ...}``."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.headers = headers
+
+
+def error_response(error: SegmentError | ImageError) -> JSONResponse:
+    SEGMENT_ERRORS.labels(status=str(error.status_code)).inc()
+    return JSONResponse(
+        {"detail": error.detail}, status_code=error.status_code, headers=getattr(error, "headers", None)
+    )
