@@ -1,9 +1,10 @@
-"""Schema-driven fuzzing of the serving routes: no generated request may cause a 5xx.
+"""Schema-driven fuzzing of the API: no generated request may cause a 5xx.
 
 Schemathesis reads the app's OpenAPI schema and sends a bounded number of positive and negative
 examples (random multipart bodies, query values, missing parts) to ``/segment``,
-``/segment/batch``, ``/health`` and ``/ready``. The untrained bundle is served; random bytes never
-reach the model, so the run is fast.
+``/segment/batch``, ``/health`` and ``/ready``, and (signed in) to every admin route, ids and
+offsets of any size included. The untrained bundle is served; random bytes never reach the
+model, so the run is fast.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 
 from backend.app.core.settings import Settings  # noqa: E402
 from backend.app.main import create_app  # noqa: E402
+
+ADMIN_TOKEN = "fuzz-admin-token"
+ADMIN_OPERATIONS = [
+    "GET /api/runs",
+    "GET /api/runs/{run_id}",
+    "GET /api/runs/{run_id}/metrics",
+    "POST /api/runs/{run_id}/cancel",
+    "POST /api/runs/{run_id}/resume",
+    "GET /api/models",
+    "POST /api/models/{version_id}/activate",
+    "POST /api/runs",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +47,11 @@ def served_app(tmp_path_factory):
             max_image_pixels=1_000_000,
             embedding_cache_items=4,
             inference_engine="torch",  # the engines have their own tests
+            admin_token=ADMIN_TOKEN,
+            runs_dir=root / "runs",
+            models_dir=root / "models",
+            embedded_broker_dir=root / "broker",
+            redis_url=None,
         )
     )
     app.state.model_holder.load(bundle, source="settings")  # schemathesis calls skip the lifespan
@@ -43,14 +61,14 @@ def served_app(tmp_path_factory):
 @pytest.fixture(scope="module")
 def operations(served_app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", served_app)
-    selected = schema.include(path_regex=r"^/(segment|segment/batch|health|ready)$")
+    selected = schema.include(path_regex=r"^/(segment|segment/batch|health|ready|api/.*)$")
     found = [result.ok() for result in selected.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in found} >= {"POST /segment", "POST /segment/batch"}
     return {f"{op.method.upper()} {op.path}": op for op in found}
 
 
-def _check(case) -> None:
-    response = case.call()
+def _check(case, headers: dict | None = None) -> None:
+    response = case.call(headers=headers)
     case.validate_response(response, checks=[not_a_server_error])
     assert response.status_code < 500, response.text
     content_type = response.headers.get("content-type") or [""]
@@ -80,5 +98,19 @@ def test_no_server_errors(operations, label, mode):
     @settings(max_examples=examples, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def run(case) -> None:
         _check(case)
+
+    run()
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+@pytest.mark.parametrize("label", ADMIN_OPERATIONS)
+def test_no_server_errors_on_admin_routes(operations, label, mode):
+    operation = operations[label]
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def run(case) -> None:
+        _check(case, headers=auth)
 
     run()
