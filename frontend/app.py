@@ -38,10 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
-from frontend import overlay as ov
+from frontend import compare as compare_tab
 from frontend import views
 from frontend.client import BackendClient, BackendError
 from frontend.schema_form import PROMOTED, FieldSpec, FormError, collect_config, form_fields, sections
@@ -199,7 +197,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         schema_state = gr.State(None)
         runs_sig_state = gr.State(None)
         detail_sig_state = gr.State(None)
-        segment_state = gr.State(None)
 
         gr.Markdown(
             f"# UltraRefiner Studio · admin\nBreast-ultrasound lesion segmentation: coarse TransUNet "
@@ -426,55 +423,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
 
                 # ------------------------------------------------------------ compare
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
-                    gr.Markdown(
-                        "Upload an ultrasound image (optionally its ground-truth mask) and segment it with "
-                        "the active model. Orange: coarse mask; green: refined mask; yellow outline: "
-                        "ground truth."
-                    )
-                    with gr.Row():
-                        image_in = gr.Image(
-                            label="Ultrasound image",
-                            type="filepath",
-                            image_mode=None,
-                            sources=["upload"],
-                            elem_id="compare-image",
-                            height=280,
-                        )
-                        truth_in = gr.Image(
-                            label="Ground-truth mask (optional)",
-                            type="filepath",
-                            image_mode=None,
-                            sources=["upload"],
-                            elem_id="compare-truth",
-                            height=280,
-                        )
-                    segment_btn = gr.Button("Segment", variant="primary", elem_id="segment-btn")
-                    with gr.Row():
-                        coarse_out = gr.Image(
-                            label="Coarse mask (TransUNet)",
-                            format="png",
-                            interactive=False,
-                            elem_id="coarse-overlay",
-                            height=420,
-                        )
-                        refined_out = gr.Image(
-                            label="Refined mask",
-                            format="png",
-                            interactive=False,
-                            elem_id="refined-overlay",
-                            height=420,
-                        )
-                    compare_md = gr.Markdown("", elem_id="compare-result")
-                    with gr.Row():
-                        export_btn = gr.Button(
-                            "Prepare mask PNGs for download", interactive=False, elem_id="export-btn"
-                        )
-                        coarse_dl = gr.DownloadButton(
-                            "Download coarse mask", visible=False, elem_id="download-coarse"
-                        )
-                        refined_dl = gr.DownloadButton(
-                            "Download refined mask", visible=False, elem_id="download-refined"
-                        )
+                    compare = compare_tab.build(client_for, token_state, status, guarded, _export_folder)
 
                 # ------------------------------------------------------------ models
                 with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
@@ -584,14 +533,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_sig_state: None,
                 models_table: [],
                 model_select: gr.update(choices=[], value=None),
-                segment_state: None,
-                image_in: None,
-                truth_in: None,
-                coarse_out: None,
-                refined_out: None,
-                compare_md: "",
-                coarse_dl: gr.DownloadButton(value=None, visible=False),
-                refined_dl: gr.DownloadButton(value=None, visible=False),
+                **compare_tab.signed_out(compare),
                 **empty_detail(),
             }
 
@@ -609,14 +551,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_sig_state,
                 models_table,
                 model_select,
-                segment_state,
-                image_in,
-                truth_in,
-                coarse_out,
-                refined_out,
-                compare_md,
-                coarse_dl,
-                refined_dl,
+                *compare.reset_outputs(),
                 *detail_outputs,
             ],
         )
@@ -733,105 +668,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
 
         # -- compare -----------------------------------------------------------------------
         @guarded()
-        def on_segment(token, image_path, truth_path):
-            client_for(token)  # signed-in sessions only
-            if not image_path:
-                raise BackendError("Upload an image first")
-            # Gradio's own upload cache holds the file; we only read it, we never copy it.
-            image_bytes = Path(image_path).read_bytes()
-            filename = Path(image_path).name
-            try:
-                image = ov.load_image(image_bytes)
-            except OSError as exc:
-                raise BackendError("The uploaded file is not an image this UI can show") from exc
-            result = base_client.segment(image_bytes, filename)
-            shape = image.shape[:2]
-            masks = {}
-            for name, mask in (("coarse", result.coarse.mask), ("refined", result.refined.mask)):
-                if mask.shape != shape:
-                    mask = (
-                        np.asarray(
-                            Image.fromarray(mask.astype(np.uint8) * 255).resize(
-                                (shape[1], shape[0]), Image.Resampling.NEAREST
-                            )
-                        )
-                        > 0
-                    )
-                masks[name] = mask
-            truth = None
-            notes = []
-            if truth_path:
-                try:
-                    truth = ov.load_mask(Path(truth_path).read_bytes(), shape)
-                except OSError as exc:
-                    raise BackendError("The ground-truth mask is not an image this UI can read") from exc
-            coarse_view = ov.overlay(image, masks["coarse"], ov.COARSE_COLOR, truth=truth)
-            refined_view = ov.overlay(image, masks["refined"], ov.REFINED_COLOR, truth=truth)
-            md = compare_markdown(result, truth, masks)
-            if notes:
-                md += "\n\n" + "\n".join(notes)
-            return {
-                coarse_out: coarse_view,
-                refined_out: refined_view,
-                compare_md: md,
-                segment_state: {
-                    "stem": ov.safe_stem(filename),
-                    "coarse": result.coarse.png,
-                    "refined": result.refined.png,
-                },
-                export_btn: gr.Button(interactive=True),
-                coarse_dl: gr.DownloadButton(value=None, visible=False),
-                refined_dl: gr.DownloadButton(value=None, visible=False),
-                status: f"✓ Segmented with model `{result.model_version}`.",
-            }
-
-        segment_btn.click(
-            on_segment,
-            inputs=[token_state, image_in, truth_in],
-            outputs=[
-                coarse_out,
-                refined_out,
-                compare_md,
-                segment_state,
-                export_btn,
-                coarse_dl,
-                refined_dl,
-                status,
-            ],
-        )
-
-        def on_new_image():
-            return {
-                coarse_out: None,
-                refined_out: None,
-                compare_md: "",
-                segment_state: None,
-                export_btn: gr.Button(interactive=False),
-                coarse_dl: gr.DownloadButton(value=None, visible=False),
-                refined_dl: gr.DownloadButton(value=None, visible=False),
-            }
-
-        image_in.change(
-            on_new_image,
-            outputs=[coarse_out, refined_out, compare_md, segment_state, export_btn, coarse_dl, refined_dl],
-            show_progress="hidden",
-        )
-
-        @guarded()
-        def on_export(state):
-            if not state:
-                raise BackendError("Segment an image first")
-            folder = _export_folder()
-            coarse_path = ov.write_mask_png(state["coarse"], folder, f"{state['stem']}_coarse_mask.png")
-            refined_path = ov.write_mask_png(state["refined"], folder, f"{state['stem']}_refined_mask.png")
-            return {
-                coarse_dl: gr.DownloadButton(value=str(coarse_path), visible=True),
-                refined_dl: gr.DownloadButton(value=str(refined_path), visible=True),
-                status: "Mask PNGs ready: use the download buttons.",
-            }
-
-        export_btn.click(on_export, inputs=[segment_state], outputs=[coarse_dl, refined_dl, status])
-
         # -- models ------------------------------------------------------------------------
         def models_values(client: BackendClient, selected: str | None = None) -> dict:
             models = client.list_models()
@@ -869,41 +705,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
         activate_btn.click(on_activate, inputs=[token_state, model_select], outputs=models_outputs)
 
     return demo
-
-
-def compare_markdown(result, truth: np.ndarray | None, masks: dict[str, np.ndarray]) -> str:
-    """Areas, Dice against the ground truth and timings of one segmentation, as Markdown."""
-
-    def area_mm2(value):
-        return f"{value:.1f}" if isinstance(value, int | float) else "n/a (no pixel spacing)"
-
-    rows = [
-        "| | Coarse | Refined |",
-        "|---|---|---|",
-        f"| Area (px) | {result.coarse.area_px} | {result.refined.area_px} |",
-        f"| Area (mm²) | {area_mm2(result.coarse.area_mm2)} | {area_mm2(result.refined.area_mm2)} |",
-        f"| Box (x0, y0, x1, y1) | {result.coarse.bbox or '—'} | {result.refined.bbox or '—'} |",
-    ]
-    if truth is not None:
-        dice_coarse = ov.dice(masks["coarse"], truth)
-        dice_refined = ov.dice(masks["refined"], truth)
-        rows.append(f"| **Dice vs ground truth** | **{dice_coarse:.4f}** | **{dice_refined:.4f}** |")
-        verdict = f"Δ Dice (refined − coarse): **{dice_refined - dice_coarse:+.4f}**"
-    else:
-        verdict = "Upload the ground-truth mask to see the Dice of both masks."
-    lines = ["\n".join(rows), verdict]
-    facts = [f"model `{result.model_version}`", f"image {result.width}×{result.height}"]
-    if isinstance(result.iou_pred, int | float):
-        facts.append(f"predicted IoU {result.iou_pred:.3f}")
-    lines.append(" · ".join(facts))
-    if result.timings_ms:
-        timing = " · ".join(
-            f"{name} {float(ms):.0f} ms"
-            for name, ms in result.timings_ms.items()
-            if isinstance(ms, int | float)
-        )
-        lines.append(f"Timings: {timing}")
-    return "\n\n".join(lines)
 
 
 def launch(

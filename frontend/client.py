@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,6 +214,16 @@ class SegmentResult:
     iou_pred: float | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     raw: JSON = field(default_factory=dict, repr=False)
+    frame: int = 0
+    n_frames: int = 1
+    pixel_spacing_mm: list[float] | None = None
+    embedding_cached: bool = False
+    #: The decoded frame as the server saw it (H×W×3 uint8), when asked for (``include_image``).
+    image: Any = None
+
+    @property
+    def no_lesion(self) -> bool:
+        return not self.coarse.mask.any() and not self.refined.mask.any()
 
     @classmethod
     def from_json(cls, data: JSON) -> SegmentResult:
@@ -225,10 +236,28 @@ class SegmentResult:
             height=int(data.get("height") or 0),
             coarse=MaskResult.from_json(data["coarse"], "coarse"),
             refined=MaskResult.from_json(data["refined"], "refined"),
-            iou_pred=data.get("iou_pred"),
+            iou_pred=data.get("iou_pred", data["refined"].get("iou_pred")),
             timings_ms=dict(data.get("timings_ms") or {}),
-            raw={k: v for k, v in data.items() if k not in ("coarse", "refined")},
+            raw={k: v for k, v in data.items() if k not in ("coarse", "refined", "image_png")},
+            frame=int(data.get("frame") or 0),
+            n_frames=int(data.get("n_frames") or 1),
+            pixel_spacing_mm=data.get("pixel_spacing_mm"),
+            embedding_cached=bool(data.get("embedding_cached")),
+            image=_decode_image_png(data.get("image_png")),
         )
+
+
+def _decode_image_png(encoded: Any):
+    if not encoded:
+        return None
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(encoded, validate=False))) as image:
+            return np.asarray(image.convert("RGB"))
+    except (binascii.Error, OSError, ValueError) as exc:
+        raise BackendError("The backend returned an unreadable image") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +332,7 @@ class BackendClient:
         *,
         admin: bool = True,
         timeout: float | None = None,
+        raw: bool = False,
         **kwargs: Any,
     ) -> Any:
         url = f"{self.api_url}{path}"
@@ -317,6 +347,8 @@ class BackendClient:
             raise BackendError(f"Backend not reachable at {self.api_url} ({type(exc).__name__})") from exc
         if response.is_error:
             raise self._error_from(response)
+        if raw:
+            return response.content
         if response.status_code == 204 or not response.content:
             return None
         try:
@@ -367,13 +399,68 @@ class BackendClient:
         """``GET /ready`` (raises :class:`BackendError` with the reason while not ready)."""
         return self._request("GET", "/ready", admin=False)
 
-    def segment(self, image: bytes, filename: str = "image.png") -> SegmentResult:
-        """``POST /segment`` with one image; masks come back decoded at the original size."""
+    @staticmethod
+    def _segment_form(
+        points: list[list[float]] | None, box: list[float] | None, frame: int | None
+    ) -> dict[str, str]:
+        form: dict[str, str] = {}
+        if points:
+            form["points"] = json.dumps([[float(x), float(y), int(label)] for x, y, label in points])
+        if box:
+            form["box"] = json.dumps([float(v) for v in box])
+        if frame is not None:
+            form["frame"] = str(int(frame))
+        return form
+
+    def segment(
+        self,
+        image: bytes,
+        filename: str = "image.png",
+        *,
+        points: list[list[float]] | None = None,
+        box: list[float] | None = None,
+        frame: int | None = None,
+        include_image: bool = False,
+    ) -> SegmentResult:
+        """``POST /segment`` with one image (PNG/JPEG/…/DICOM) and optional clinician prompts
+        (``points`` ``[[x, y, label], …]``, ``box`` ``[x0, y0, x1, y1]``, native pixels); masks come
+        back decoded at the original size (and the decoded frame with ``include_image``)."""
         files = {"file": (filename or "image.png", image, "application/octet-stream")}
-        data = self._request("POST", "/segment", admin=False, files=files, timeout=self.segment_timeout)
+        params = {"include_image": "true"} if include_image else None
+        data = self._request(
+            "POST",
+            "/segment",
+            admin=False,
+            files=files,
+            data=self._segment_form(points, box, frame),
+            params=params,
+            timeout=self.segment_timeout,
+        )
         if not isinstance(data, dict):
             raise BackendError("The backend returned an unexpected segmentation answer")
         return SegmentResult.from_json(data)
+
+    def segment_dicom_seg(
+        self,
+        image: bytes,
+        filename: str = "image.dcm",
+        *,
+        points: list[list[float]] | None = None,
+        box: list[float] | None = None,
+        frame: int | None = None,
+    ) -> bytes:
+        """``POST /segment?format=dicom-seg``: the DICOM Segmentation (Part 10 bytes) of a DICOM."""
+        files = {"file": (filename or "image.dcm", image, "application/dicom")}
+        return self._request(
+            "POST",
+            "/segment",
+            admin=False,
+            files=files,
+            data=self._segment_form(points, box, frame),
+            params={"format": "dicom-seg"},
+            timeout=self.segment_timeout,
+            raw=True,
+        )
 
     # -- admin ------------------------------------------------------------------------------
 

@@ -520,6 +520,21 @@ def to_display_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.repeat(array[..., None], 3, axis=2)
 
 
+def to_display_png(pixels: np.ndarray) -> bytes:
+    """A decoded frame as an 8-bit PNG (gray stays gray): what a viewer shows of it."""
+    from PIL import Image
+
+    rgb = to_display_uint8(pixels)
+    gray = (
+        rgb.ndim == 3
+        and np.array_equal(rgb[..., 0], rgb[..., 1])
+        and np.array_equal(rgb[..., 0], rgb[..., 2])
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(rgb[..., 0] if gray else rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def mask_to_png(mask: np.ndarray) -> bytes:
     """``H×W`` boolean mask → 8-bit PNG bytes (0 background, 255 lesion)."""
     from PIL import Image

@@ -80,6 +80,11 @@ class SegmentResponse(BaseModel):
         description="True when the image embedding came from the server cache (false also when the "
         "encoder was not needed: no coarse lesion and no clinician prompt).",
     )
+    image_png: str | None = Field(
+        None,
+        description="With include_image=true: the segmented frame as an 8-bit PNG (base64), as the "
+        "server decoded it (DICOM LUTs applied, MONOCHROME1 inverted), for display.",
+    )
 
 
 class BatchItem(BaseModel):

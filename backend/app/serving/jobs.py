@@ -24,6 +24,7 @@ class Job:
     prompts: ClinicianPrompts
     output: OutputFormat = "json"
     segments: SegmentsChoice = "both"
+    include_image: bool = False
 
 
 @dataclass
@@ -32,7 +33,7 @@ class JobResult:
     payload: bytes | None = None  # PNG overlay or DICOM SEG bytes
 
 
-def single_job(parts, settings, format, segments, frame, points, box) -> Job:
+def single_job(parts, settings, format, segments, frame, points, box, include_image=False) -> Job:
     """The one image of a ``/segment`` request (with its clinician prompts) as a :class:`Job`."""
     files = [p for p in parts if p.name == "file"]
     if not files:
@@ -53,6 +54,7 @@ def single_job(parts, settings, format, segments, frame, points, box) -> Job:
         ),
         output=format,
         segments=segments,
+        include_image=include_image,
     )
     upload.data.clear()
     if format == "dicom-seg" and job.data and sniff_kind(job.data) not in (None, "dicom"):

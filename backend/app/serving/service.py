@@ -119,6 +119,10 @@ def run_job(holder, settings, job: Job) -> JobResult:
         ),
         embedding_cached=cached,
     )
+    if job.include_image and job.output == "json":
+        from backend.app.imaging import to_display_png
+
+        response.image_png = base64.b64encode(to_display_png(decoded.pixels)).decode("ascii")
     payload = None
     if job.output == "png":
         from backend.app.imaging import overlay_png

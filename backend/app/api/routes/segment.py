@@ -56,6 +56,9 @@ async def segment(
     segments: Annotated[
         SegmentsChoice, Query(description="DICOM SEG content: both masks or the refined one only.")
     ] = "both",
+    include_image: Annotated[
+        bool, Query(description="JSON only: add the decoded frame as an 8-bit PNG (image_png), for display.")
+    ] = False,
 ):
     """Segment one ultrasound image: the TransUNet **coarse** mask and the refiner's **refined** mask.
 
@@ -67,7 +70,10 @@ async def segment(
         async with admitted(request) as admission:
             parts = await read_parts(request, settings, settings.max_upload_mb)
             result, queue_ms = await admission.run(
-                run_job, holder, settings, single_job(parts, settings, format, segments, frame, points, box)
+                run_job,
+                holder,
+                settings,
+                single_job(parts, settings, format, segments, frame, points, box, include_image),
             )
     except (SegmentError, ImageError) as error:
         return error_response(error)
