@@ -84,6 +84,8 @@ class CompareState:
     truth: np.ndarray | None = None
     prompts: list[Prompt] = field(default_factory=list)
     corner: tuple[float, float] | None = None  # first corner of a box being drawn
+    #: The prompt lists before each change, oldest first: what Undo goes back to.
+    history: list[list[Prompt]] = field(default_factory=list)
 
     @property
     def points(self) -> list[list[float]]:
@@ -138,10 +140,14 @@ def segment_upload(
     )
 
 
-def resegment(client: BackendClient, state: CompareState, prompts: list[Prompt]) -> CompareState:
-    """``/segment`` again with ``prompts`` (none: derived prompts) on the same upload and frame."""
+def resegment(
+    client: BackendClient, state: CompareState, prompts: list[Prompt], *, remember: bool = True
+) -> CompareState:
+    """``/segment`` again with ``prompts`` (none: derived prompts) on the same upload and frame;
+    with ``remember`` the current prompts go on the undo history."""
     data, filename = _read_upload(state.path)
-    updated = replace(state, prompts=list(prompts), corner=None)
+    history = [*state.history, list(state.prompts)] if remember else list(state.history)
+    updated = replace(state, prompts=list(prompts), corner=None, history=history)
     result = client.segment(data, filename, points=updated.points or None, box=updated.box, frame=state.frame)
     return replace(updated, result=result)
 
@@ -174,21 +180,23 @@ def click(client: BackendClient, state: CompareState, x: float, y: float, mode: 
 
 
 def undo(client: BackendClient, state: CompareState) -> CompareState:
-    """Remove the pending box corner, else the last clicked prompt; with no clicked prompt left,
-    the masks of the derived prompts come back exactly (as after Clear)."""
+    """Remove the pending box corner, else go back to the prompts before the last change (a
+    click or Clear); back at the start, the masks of the derived prompts return exactly."""
     if state.corner is not None:
         return replace(state, corner=None)
-    clicked = [index for index, prompt in enumerate(state.prompts) if not prompt.derived]
-    if not clicked:
+    if not state.history:
         raise BackendError("Nothing to undo: no prompt given yet")
-    remaining = [p for index, p in enumerate(state.prompts) if index != clicked[-1]]
-    if not any(not p.derived for p in remaining):
-        remaining = []
-    return resegment(client, state, remaining)
+    previous = state.history[-1]
+    if not any(not p.derived for p in previous):
+        previous = []
+    return resegment(client, replace(state, history=state.history[:-1]), previous, remember=False)
 
 
 def clear(client: BackendClient, state: CompareState) -> CompareState:
-    """Remove every prompt: the masks of the prompts derived from the coarse mask again."""
+    """Remove every prompt: the masks of the prompts derived from the coarse mask again (Undo
+    brings the prompts back)."""
+    if not state.prompts and state.corner is None:
+        raise BackendError("No prompt to clear")
     return resegment(client, state, [])
 
 

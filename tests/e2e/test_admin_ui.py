@@ -323,20 +323,21 @@ def test_admin_ui_end_to_end(stack, page):
 
     # -- compare: upload a BUSI image and its mask; both overlays, Dice, a download ----------
     page.get_by_role("tab", name="Compare").click()
-    page.set_input_files("#compare-image input[type=file]", str(BUSI_IMAGE))
+    page.set_input_files("#compare-file input[type=file]", str(BUSI_IMAGE))
     page.set_input_files("#compare-truth input[type=file]", str(BUSI_MASK))
-    page.wait_for_selector("#compare-image img", timeout=30_000)
-    page.wait_for_selector("#compare-truth img", timeout=30_000)
+    page.wait_for_timeout(600)
     page.click("#segment-btn")
     result = _wait_text(page, "#compare-result", "Dice vs ground truth", timeout=300)
     assert "Area (px)" in result
     assert "untrained" not in result  # the model activated above serves /segment
-    page.wait_for_selector("#coarse-overlay img", timeout=30_000)
-    page.wait_for_selector("#refined-overlay img", timeout=30_000)
+    page.wait_for_selector("#combined-view img", timeout=30_000)
     page.click("#export-btn")
-    page.wait_for_selector("#download-refined", state="visible")
+    page.wait_for_selector("#downloads a", timeout=60_000)
+    links = page.locator("#downloads a")
+    hrefs = [links.nth(i).get_attribute("href") or "" for i in range(links.count())]
+    refined = next(i for i, href in enumerate(hrefs) if href.split("?")[0].endswith("_refined_mask.png"))
     with page.expect_download() as download:
-        page.click("#download-refined")
+        links.nth(refined).click()
     from PIL import Image
 
     with Image.open(download.value.path()) as mask:
