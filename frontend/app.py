@@ -40,7 +40,7 @@ from typing import Any
 import gradio as gr
 
 from frontend import compare as compare_tab
-from frontend import views
+from frontend import models_tab, views
 from frontend.client import BackendClient, BackendError
 from frontend.schema_form import PROMOTED, FieldSpec, FormError, collect_config, form_fields, sections
 
@@ -252,6 +252,18 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                         "settings you change are sent, the backend fills in the rest."
                     )
 
+                    # The buttons and the error list sit above the long form, in view without scrolling.
+                    with gr.Row():
+                        preview_btn = gr.Button("Preview request", elem_id="preview-btn")
+                        launch_btn = gr.Button("Launch run", variant="primary", elem_id="launch-btn")
+                    train_errors = gr.Markdown("", elem_id="train-errors")
+                    preview = gr.Code(
+                        label="Request body (POST /api/runs)",
+                        language="json",
+                        visible=False,
+                        elem_id="preview-code",
+                    )
+
                     @gr.render(inputs=[schema_state])
                     def render_form(schema: dict | None):
                         if not schema:
@@ -307,15 +319,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                                 outputs=[comp for _, comp in preset_fields],
                                 show_progress="hidden",
                             )
-                        with gr.Row():
-                            preview_btn = gr.Button("Preview request", elem_id="preview-btn")
-                            launch_btn = gr.Button("Launch run", variant="primary", elem_id="launch-btn")
-                        preview = gr.Code(
-                            label="Request body (POST /api/runs)",
-                            language="json",
-                            visible=False,
-                            elem_id="preview-code",
-                        )
 
                         def read_body(values: tuple) -> dict:
                             return collect_config(ordered, list(values))
@@ -374,8 +377,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                             outputs=[train_errors, status, runs_table, runs_sig_state, run_select, tabs],
                         )
 
-                    train_errors = gr.Markdown("", elem_id="train-errors")
-
                 # ------------------------------------------------------------ runs
                 with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                     with gr.Row():
@@ -426,26 +427,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                     compare = compare_tab.build(client_for, token_state, status, guarded, _export_folder)
 
                 # ------------------------------------------------------------ models
-                with gr.Tab("Models", id="models", elem_id="tab-models") as models_tab:
-                    with gr.Row():
-                        gr.Markdown("Registered model versions. The active one serves `/segment`.")
-                        refresh_models_btn = gr.Button(
-                            "Refresh", size="sm", scale=0, elem_id="refresh-models"
-                        )
-                    models_table = gr.Dataframe(
-                        headers=views.MODEL_COLUMNS,
-                        value=[],
-                        interactive=False,
-                        label="Model versions",
-                        elem_id="models-table",
-                    )
-                    with gr.Row():
-                        model_select = gr.Dropdown(
-                            label="Model version", choices=[], value=None, elem_id="model-select", scale=4
-                        )
-                        activate_btn = gr.Button(
-                            "Activate", variant="primary", elem_id="activate-btn", scale=1
-                        )
+                models = models_tab.build(client_for, token_state, status, guarded)
 
         # ==================================================================== handlers
         detail_outputs = [
@@ -531,8 +513,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_table: [],
                 run_select: gr.update(choices=[], value=None),
                 runs_sig_state: None,
-                models_table: [],
-                model_select: gr.update(choices=[], value=None),
+                models.table: [],
+                models.select: gr.update(choices=[], value=None),
                 **compare_tab.signed_out(compare),
                 **empty_detail(),
             }
@@ -549,8 +531,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_table,
                 run_select,
                 runs_sig_state,
-                models_table,
-                model_select,
+                models.table,
+                models.select,
                 *compare.reset_outputs(),
                 *detail_outputs,
             ],
@@ -665,44 +647,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
             return out
 
         cancel_btn.click(on_cancel, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
-
-        # -- compare -----------------------------------------------------------------------
-        @guarded()
-        # -- models ------------------------------------------------------------------------
-        def models_values(client: BackendClient, selected: str | None = None) -> dict:
-            models = client.list_models()
-            choices = views.model_choices(models)
-            ids = [value for _, value in choices]
-            if selected not in ids:
-                active = [str(m.get("id")) for m in models if m.get("active")]
-                selected = active[0] if active else (ids[0] if ids else None)
-            return {
-                models_table: views.model_rows(models),
-                model_select: gr.update(choices=choices, value=selected),
-            }
-
-        @guarded()
-        def on_refresh_models(token, selected):
-            return models_values(client_for(token), selected)
-
-        models_outputs = [models_table, model_select, status]
-        refresh_models_btn.click(
-            on_refresh_models, inputs=[token_state, model_select], outputs=models_outputs
-        )
-        models_tab.select(on_refresh_models, inputs=[token_state, model_select], outputs=models_outputs)
-
-        @guarded()
-        def on_activate(token, model_id):
-            if not model_id:
-                raise BackendError("Pick a model version to activate")
-            client = client_for(token)
-            client.activate_model(str(model_id))
-            gr.Info(f"Model #{model_id} activated")
-            out = models_values(client, str(model_id))
-            out[status] = f"✓ Model #{model_id} is now active."
-            return out
-
-        activate_btn.click(on_activate, inputs=[token_state, model_select], outputs=models_outputs)
 
     return demo
 

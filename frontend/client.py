@@ -495,6 +495,15 @@ class BackendClient:
         """``POST /api/runs/{id}/cancel``."""
         return self._request("POST", f"/api/runs/{run_id}/cancel")
 
+    def list_models_page(self) -> JSON:
+        """``GET /api/models`` as sent: ``items``, ``active_id`` and ``serving_id`` (this replica's)."""
+        data = self._request("GET", "/api/models")
+        return {
+            "items": _unwrap_list(data, "models"),
+            "active_id": data.get("active_id") if isinstance(data, dict) else None,
+            "serving_id": data.get("serving_id") if isinstance(data, dict) else None,
+        }
+
     def list_models(self) -> list[JSON]:
         """``GET /api/models``."""
         return _unwrap_list(self._request("GET", "/api/models"), "models")

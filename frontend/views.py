@@ -24,7 +24,7 @@ MODEL_COLUMNS = [
     "Version",
     "Run",
     "Evaluated on",
-    "Baseline Dice",
+    "Coarse Dice",
     "Refined Dice",
     "Δ Dice",
     "Created",
@@ -258,7 +258,7 @@ def _eval_fold(evaluation: JSON, default_fold: int | None) -> int | None:
     return None
 
 
-def _dice_triplet(item: JSON) -> tuple[Any, Any, Any]:
+def dice_triplet(item: JSON) -> tuple[Any, Any, Any]:
     coarse = item.get("dice_coarse", item.get("baseline_dice", item.get("coarse_dice")))
     refined = item.get("dice_refined", item.get("refined_dice"))
     delta = item.get("delta")
@@ -286,7 +286,7 @@ def fold_rows(metrics: JSON, run: JSON | None = None) -> list[list[Any]]:
         if not isinstance(item, dict):
             continue
         best = item.get("best_epoch")
-        coarse, refined, delta = _dice_triplet(item)
+        coarse, refined, delta = dice_triplet(item)
         if coarse is None and str(item.get("phase")) == "coarse":
             coarse = item.get("val_dice")
         rows.append(
@@ -306,7 +306,7 @@ def fold_rows(metrics: JSON, run: JSON | None = None) -> list[list[Any]]:
         fold = _eval_fold(evaluation, default_fold)
         if fold is None and str(evaluation.get("split")) not in ("val", "valid", "validation"):
             continue
-        coarse, refined, delta = _dice_triplet(evaluation)
+        coarse, refined, delta = dice_triplet(evaluation)
         rows.append(
             [
                 "" if fold is None else str(fold),
@@ -325,7 +325,7 @@ def eval_rows(metrics: JSON) -> list[list[Any]]:
     for evaluation in metrics.get("evaluations") or []:
         if not isinstance(evaluation, dict):
             continue
-        coarse, refined, delta = _dice_triplet(evaluation)
+        coarse, refined, delta = dice_triplet(evaluation)
         rows.append(
             [
                 evaluation.get("phase") or "",
@@ -353,7 +353,7 @@ def logs_text(run: JSON, metrics: JSON | None = None) -> str:
     return "\n".join(parts) if parts else "(no log lines yet)"
 
 
-def _metric_block(metrics: JSON) -> JSON:
+def metric_block(metrics: JSON) -> JSON:
     """The metrics to show for a model: top-level Dice values, else the best-named nested block.
 
     The worker stores evaluations as ``{"<dataset>/<split>[/<phase>]": {dice_coarse, ...}}``;
@@ -384,12 +384,13 @@ def model_rows(models: list[JSON]) -> list[list[Any]]:
     rows = []
     for model in models:
         metrics = model.get("metrics") if isinstance(model.get("metrics"), dict) else {}
-        block = _metric_block(metrics)
-        coarse, refined, delta = _dice_triplet(block)
+        block = metric_block(metrics)
+        coarse, refined, delta = dice_triplet(block)
         rows.append(
             [
                 model.get("id"),
-                "✓ active" if model.get("active") else "",
+                ("✓ active" if model.get("active") else "")
+                + (" · shipped default" if model.get("shipped") else ""),
                 model_version_name(model),
                 model.get("run_id") if model.get("run_id") is not None else "",
                 block.get("_name", ""),

@@ -32,6 +32,15 @@ Phase = Literal["coarse", "augment", "refiner", "end-to-end"]
 ALL_PHASES: tuple[Phase, ...] = ("coarse", "augment", "refiner", "end-to-end")
 
 
+#: Upper bounds of the sizes a run request may ask for: far above any sensible value, so a typo
+#: (1e12 epochs) is a clear validation error instead of a run that never ends or exhausts memory.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 4096
+MAX_IMAGES = 10_000_000
+MAX_STEPS = 10_000_000
+MAX_SIDE = 4096
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors: a misspelt hyper-parameter must never be silently ignored."""
 
@@ -42,16 +51,16 @@ class TransUNetConfig(_Strict):
     """TransUNet architecture: R50 (3 stages) + ViT hybrid encoder, cascaded upsampler with skips."""
 
     name: ConfigName = Field("compact", description="Named size: 'full' (paper) or 'compact' (CPU).")
-    img_size: int = Field(224, ge=32, description="Square input side in pixels.")
+    img_size: int = Field(224, ge=32, le=MAX_SIDE, description="Square input side in pixels.")
     in_channels: int = Field(1, description="Input channels (grayscale; replicated to 3 for the stem).")
     num_classes: int = Field(2, description="Output classes (background, lesion).")
     resnet_units: tuple[int, int, int] = Field((3, 4, 9), description="Bottleneck units per R50 stage.")
-    resnet_width: int = Field(64, ge=8, description="Stem width of the ResNet (64 in R50).")
+    resnet_width: int = Field(64, ge=8, le=1024, description="Stem width of the ResNet (64 in R50).")
     patch_size: int = Field(1, description="ViT patch size on the 1/16 feature map (1 = 16×16 pixels).")
-    hidden_size: int = Field(768, ge=16, description="ViT embedding width.")
-    num_layers: int = Field(12, ge=1, description="ViT transformer blocks.")
-    num_heads: int = Field(12, ge=1, description="ViT attention heads.")
-    mlp_dim: int = Field(3072, ge=16, description="ViT MLP width.")
+    hidden_size: int = Field(768, ge=16, le=8192, description="ViT embedding width.")
+    num_layers: int = Field(12, ge=1, le=96, description="ViT transformer blocks.")
+    num_heads: int = Field(12, ge=1, le=128, description="ViT attention heads.")
+    mlp_dim: int = Field(3072, ge=16, le=32768, description="ViT MLP width.")
     dropout: float = Field(0.1, ge=0, le=1, description="ViT dropout.")
     decoder_channels: tuple[int, int, int, int] = Field((256, 128, 64, 16), description="Upsampler widths.")
     n_skip: int = Field(3, ge=0, le=3, description="Skip connections used by the decoder.")
@@ -129,15 +138,17 @@ class DataConfig(_Strict):
     folds: int = Field(5, ge=2, le=20, description="K folds of cross-validation on the training split.")
     seed: int = Field(42, description="Seed of the split and of every random choice in training.")
     split_file: Path | None = Field(None, description="Split JSON (default: <output_dir>/split.json).")
-    limit: int | None = Field(None, ge=4, description="Use N images, round-robin over labels (smoke tests).")
+    limit: int | None = Field(
+        None, ge=4, le=MAX_IMAGES, description="Use N images, round-robin over labels (smoke tests)."
+    )
     dedup_threshold: int = Field(10, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
 
 
 class CoarseTrainConfig(_Strict):
     """Phase 1: TransUNet with K-fold CV."""
 
-    epochs: int = Field(30, ge=1, description="Epochs per fold.")
-    batch_size: int = Field(8, ge=1, description="Batch size.")
+    epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="Epochs per fold.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
     lr: float = Field(0.01, gt=0, description="SGD learning rate (poly decay).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
@@ -193,7 +204,9 @@ class AugmentConfig(_Strict):
     per_mask: int = Field(5, ge=1, le=50, description="Corrupted masks per ground-truth mask.")
     temperature_min: float = Field(2.0, gt=0, description="Lowest SDF-sigmoid temperature (pixels).")
     temperature_max: float = Field(8.0, gt=0, description="Highest SDF-sigmoid temperature (pixels).")
-    mask_size: int = Field(256, ge=32, description="Side of stored soft masks (refiner input space).")
+    mask_size: int = Field(
+        256, ge=32, le=MAX_SIDE, description="Side of stored soft masks (refiner input space)."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AugmentConfig:
@@ -205,8 +218,8 @@ class AugmentConfig(_Strict):
 class RefinerTrainConfig(_Strict):
     """Phase 2b: refiner fine-tuning from the embedding cache."""
 
-    epochs: int = Field(10, ge=1, description="Epochs.")
-    batch_size: int = Field(8, ge=1, description="Batch size.")
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS, description="Epochs.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (cosine schedule).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     bce_weight: float = Field(1.0, ge=0, description="Weight of BCE in the quality-aware loss.")
@@ -219,18 +232,20 @@ class RefinerTrainConfig(_Strict):
 class EndToEndConfig(_Strict):
     """Phase 3: coarse segmenter + refiner jointly."""
 
-    epochs: int = Field(5, ge=1, description="Epochs.")
-    batch_size: int = Field(4, ge=1, description="Batch size.")
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="Epochs.")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
     lr_coarse: float = Field(1e-5, gt=0, description="AdamW learning rate of TransUNet.")
     lr_refiner: float = Field(1e-5, gt=0, description="AdamW learning rate of the refiner.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     coarse_loss_weight: float = Field(0.5, ge=0, description="λc on 0.5·CE + 0.5·Dice of the coarse mask.")
     refined_loss_weight: float = Field(1.0, ge=0, description="λr on BCE + Dice of the refined mask.")
     coarse_grad_scale: float = Field(0.1, ge=0, description="Gradient scale into TransUNet.")
     l2_to_phase1: float = Field(0.01, ge=0, description="L2 pull of TransUNet towards its phase-1 weights.")
     freeze_coarse: bool = Field(False, description="Freeze TransUNet at the start.")
-    unfreeze_epoch: int | None = Field(None, ge=0, description="Epoch at which a frozen TransUNet unfreezes.")
+    unfreeze_epoch: int | None = Field(
+        None, ge=0, le=MAX_EPOCHS, description="Epoch at which a frozen TransUNet unfreezes."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
     dice_drop_warning: float = Field(0.02, ge=0, description="Warn if coarse Dice drops more than this.")
     native_resolution_loss: bool = Field(False, description="Compute the loss at native image resolution.")

@@ -70,6 +70,7 @@ def _init_store(settings: Settings) -> tuple[bool, Path | None]:
     except Exception as error:
         log.error("the run store could not be initialised (%s); serving without it", type(error).__name__)
         return False, None
+    _register_shipped_model(factory)
     try:
         from backend.app.db.crud import get_active_model_path
 
@@ -78,6 +79,40 @@ def _init_store(settings: Settings) -> tuple[bool, Path | None]:
     except Exception as error:
         log.error("the active model could not be looked up (%s)", type(error).__name__)
         return True, None
+
+
+def shipped_model_metrics(record: Path) -> dict:
+    """What the models list shows of the shipped model: its ``models/default.json`` record
+    (name, test Dice, per-fold validation Dice), without the per-image rows."""
+    import json
+
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    metrics: dict = {key: data[key] for key in ("model_version", "dataset", "coarse_folds") if key in data}
+    test = data.get("test")
+    if isinstance(test, dict):
+        metrics["test"] = {key: value for key, value in test.items() if key != "per_image"}
+    return metrics
+
+
+def _register_shipped_model(factory) -> None:
+    """List the shipped ``models/default.pt`` in the store (once), so it can be rolled back to."""
+    from training.checkpoints import DEFAULT_BUNDLE_PATH
+
+    if not DEFAULT_BUNDLE_PATH.is_file():
+        return
+    try:
+        from backend.app.db.crud import ensure_shipped_model
+
+        with factory() as session:
+            ensure_shipped_model(
+                session, DEFAULT_BUNDLE_PATH, shipped_model_metrics(DEFAULT_BUNDLE_PATH.with_suffix(".json"))
+            )
+            session.commit()
+    except Exception as error:  # noqa: BLE001 - listing the default must not stop the API
+        log.error("the shipped model could not be listed in the store (%s)", type(error).__name__)
 
 
 def _active_model_path(settings: Settings) -> Path | None:

@@ -21,6 +21,7 @@ ever downloaded.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -313,14 +314,27 @@ def test_admin_ui_end_to_end(stack, page):
     page.locator("#run-summary").scroll_into_view_if_needed()
     _shot(page, "run_detail", full_page=True)
 
-    # -- models: the run's model is registered; activate it ---------------------------------
+    # -- models: the run's model is listed beside the shipped one; activate it (its recorded
+    #    Dice is lower: the UI asks first), then roll back to the shipped default ------------
     page.get_by_role("tab", name="Models").click()
-    _wait_text(page, "#models-table", "run-", timeout=60)
+    _wait_text(page, "#models-table", "shipped default", timeout=60)
+    table = _wait_text(page, "#models-table", "compact-", timeout=60)
+    assert table.count("compact-") >= 2, table  # one name per model: the version it serves under
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name=re.compile(r"^#2 ")).click()
     page.click("#activate-btn")
-    _wait_text(page, "#status", "is now active", timeout=180)
+    deadline = time.monotonic() + 180
+    while "is now active" not in page.locator("#status").inner_text():
+        if page.locator("#confirm-activate-btn").is_visible():
+            assert "lower recorded refined Dice" in page.locator("#activate-warning").inner_text()
+            page.click("#confirm-activate-btn")
+        assert time.monotonic() < deadline, "the run's model was not activated"
+        time.sleep(0.5)
     _wait_text(page, "#models-table", "active", timeout=30)
     _shot(page, "models")
-
+    ready = httpx.get(f"{stack.api_url}/ready", timeout=10).json()
+    assert ready["model_source"] == "store"
+    run_model_version = ready["model_version"]
     # -- compare: upload a BUSI image and its mask; both overlays, Dice, a download ----------
     page.get_by_role("tab", name="Compare").click()
     page.set_input_files("#compare-file input[type=file]", str(BUSI_IMAGE))
@@ -329,7 +343,7 @@ def test_admin_ui_end_to_end(stack, page):
     page.click("#segment-btn")
     result = _wait_text(page, "#compare-result", "Dice vs ground truth", timeout=300)
     assert "Area (px)" in result
-    assert "untrained" not in result  # the model activated above serves /segment
+    assert "untrained" not in result and run_model_version in result  # the activated model serves
     page.wait_for_selector("#combined-view img", timeout=30_000)
     page.click("#export-btn")
     page.wait_for_selector("#downloads a", timeout=60_000)
@@ -344,6 +358,17 @@ def test_admin_ui_end_to_end(stack, page):
         with Image.open(BUSI_IMAGE) as original:
             assert mask.size == original.size
     _shot(page, "compare", full_page=True)
+
+    # -- rollback: the shipped default serves again -----------------------------------------
+    page.get_by_role("tab", name="Models").click()
+    _wait_text(page, "#models-table", "shipped default", timeout=60)
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name=re.compile(r"^#1 ")).click()
+    page.click("#activate-btn")
+    _wait_text(page, "#status", "is now active", timeout=180)
+    _wait_text(page, "#models-table", "active · shipped default", timeout=30)
+    shipped = httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_version"]
+    assert shipped != run_model_version and shipped.startswith("compact-")
 
     # -- cancel: a second run (same form) is cancelled from the Runs tab --------------------
     page.get_by_role("tab", name="Train").click()

@@ -19,6 +19,8 @@ from PIL import Image
 from frontend.client import BackendClient, BackendError, format_validation_errors
 
 TOKEN = "unit-test-admin-token"
+#: The settings of the module's backend (for tests that put rows in its store).
+SERVER: dict = {}
 
 
 def _free_port() -> int:
@@ -48,6 +50,7 @@ def api_url(tmp_path_factory) -> str:
         inference_engine="torch",  # the engines have their own tests
     )
     app = create_app(settings)
+    SERVER["settings"] = settings
     # Bind the socket here and hand it to uvicorn: no race for the port with parallel tests.
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -306,3 +309,57 @@ def test_build_app_makes_the_blocks(api_url):
     from frontend.app import build_app
 
     assert isinstance(build_app(api_url), gr.Blocks)
+
+
+# ----------------------------------------------------------------------------- models tab
+
+
+def _register_lower_dice_model(tmp_path) -> int:
+    from backend.app.db import crud
+    from backend.app.db.session import session_scope
+    from training.checkpoints import build_untrained_bundle, save_bundle
+
+    bundle = tmp_path / "tiny-run.pt"
+    save_bundle(bundle, build_untrained_bundle())
+    with session_scope(SERVER["settings"]) as session:
+        version = crud.register_model_version(
+            session,
+            bundle_path=bundle,
+            sha256=crud.file_sha256(bundle),
+            metrics={"model_version": "tiny-run-model", "test": {"dice_coarse": 0.30, "dice_refined": 0.35}},
+        )
+        session.commit()
+        return version.id
+
+
+def test_models_tab_lists_the_shipped_model_confirms_a_worse_one_and_rolls_back(admin, tmp_path):
+    from frontend import models_tab
+    from training.checkpoints import DEFAULT_BUNDLE_PATH
+
+    if not DEFAULT_BUNDLE_PATH.is_file():
+        pytest.skip("no shipped model in this checkout")
+    listing = admin.list_models_page()
+    shipped = [m for m in listing["items"] if m["shipped"]]
+    assert len(shipped) == 1 and shipped[0]["name"] == admin.ready()["model_version"]
+    assert listing["serving_id"] == shipped[0]["id"]  # the default serves while none is active
+
+    worse = _register_lower_dice_model(tmp_path)
+    decision = models_tab.request_activation(admin, str(worse))
+    assert not decision.done and "lower recorded refined Dice (0.350)" in decision.message
+    assert admin.list_models_page()["serving_id"] == shipped[0]["id"]  # nothing changed
+
+    decision = models_tab.request_activation(admin, str(worse), confirmed=True)
+    assert decision.done and "tiny-run-model" in decision.message
+    listing = admin.list_models_page()
+    assert listing["active_id"] == worse and listing["serving_id"] == worse
+    assert admin.ready()["model_version"] != shipped[0]["name"]
+
+    # Rollback to the shipped model: a higher recorded Dice, no confirmation needed.
+    decision = models_tab.request_activation(admin, str(shipped[0]["id"]))
+    assert decision.done
+    listing = admin.list_models_page()
+    assert listing["active_id"] == shipped[0]["id"] == listing["serving_id"]
+    assert admin.ready()["model_version"] == shipped[0]["name"]
+    rows, choices = models_tab.rows_and_choices(listing["items"])
+    assert any("shipped default" in str(row[1]) and "active" in str(row[1]) for row in rows)
+    assert all(label.split(" ", 1)[1].startswith(("compact-", "tiny-run-model")) for label, _ in choices)

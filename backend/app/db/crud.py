@@ -468,6 +468,20 @@ def register_model_version(
     return version
 
 
+def ensure_shipped_model(session: Session, bundle_path: Path, metrics: dict[str, Any]) -> ModelVersion:
+    """The row of the model shipped with the project (registered once, by content): listed beside
+    trained models, so that it can be re-activated (rolled back to) like any of them."""
+    version = register_model_version(
+        session,
+        bundle_path=bundle_path,
+        sha256=file_sha256(bundle_path),
+        metrics={**metrics, "shipped": True},
+    )
+    if Path(version.bundle_path) != Path(bundle_path):  # the same bytes moved: follow them
+        version.bundle_path = str(bundle_path)
+    return version
+
+
 def list_model_versions(session: Session) -> Sequence[ModelVersion]:
     return session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 from training.config import (
     ALL_PHASES,
+    MAX_EPOCHS,
     AugmentConfig,
     CoarseTrainConfig,
     ConfigName,
@@ -94,7 +95,10 @@ class RunCreate(BaseModel):
     )
     folds: int | None = Field(None, ge=2, le=20, description="Shortcut for data.folds.")
     epochs: int | None = Field(
-        None, ge=1, description="Epochs of every training phase whose section does not set its own."
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="Epochs of every training phase whose section does not set its own.",
     )
     device: Device = Field(_TOP["device"].default, description=_TOP["device"].description)
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, split and folds.")
@@ -265,7 +269,24 @@ class ModelVersionRead(_ORM):
     created_at: datetime
     activated_at: datetime | None = None
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def name(self) -> str:
+        """The model's one name: the version its bundle serves under (``/ready``, ``/segment``'s
+        ``model_version``), else the bundle file's stem."""
+        version = self.metrics.get("model_version") if isinstance(self.metrics, dict) else None
+        return str(version) if version else Path(self.bundle_path).stem
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def shipped(self) -> bool:
+        """Whether this is the model shipped with the project (``models/default.pt``)."""
+        return bool(isinstance(self.metrics, dict) and self.metrics.get("shipped"))
+
 
 class ModelList(BaseModel):
     items: list[ModelVersionRead]
     active_id: int | None = None
+    serving_id: int | None = Field(
+        None, description="The version this API replica serves now (the shipped one when none is active)."
+    )

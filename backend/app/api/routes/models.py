@@ -22,10 +22,24 @@ router = APIRouter(prefix="/api", tags=["models"], responses=ADMIN_RESPONSES)
 
 
 @router.get("/models", response_model=ModelList, summary="Registered model versions, newest first")
-def list_models(_: AdminDep, session: SessionDep) -> ModelList:
+def list_models(_: AdminDep, session: SessionDep, request: Request) -> ModelList:
     versions = crud.list_model_versions(session)
     active = next((v.id for v in versions if v.active), None)
-    return ModelList(items=[ModelVersionRead.model_validate(v) for v in versions], active_id=active)
+    items = [ModelVersionRead.model_validate(v) for v in versions]
+    return ModelList(items=items, active_id=active, serving_id=_serving_id(request, items))
+
+
+def _serving_id(request: Request, items: list[ModelVersionRead]) -> int | None:
+    """The listed version this replica serves: by bundle path, or the shipped one for the default."""
+    served = getattr(getattr(request.app.state, "model_holder", None), "served", None)
+    if served is None:
+        return None
+    if served.path is not None:
+        path = Path(served.path).resolve()
+        return next((item.id for item in items if Path(item.bundle_path).resolve() == path), None)
+    if served.source == "default":
+        return next((item.id for item in items if item.shipped), None)
+    return None
 
 
 @router.post(
