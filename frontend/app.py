@@ -395,6 +395,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                             label="Selected run", choices=[], value=None, elem_id="run-select", scale=4
                         )
                         cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", scale=1)
+                        resume_btn = gr.Button("Resume run", elem_id="resume-btn", scale=1)
                     run_summary = gr.Markdown("*No run selected.*", elem_id="run-summary")
                     with gr.Row():
                         loss_plot = gr.Plot(label="Loss per epoch", elem_id="loss-plot")
@@ -647,6 +648,24 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
             return out
 
         cancel_btn.click(on_cancel, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
+
+        @guarded()
+        def on_resume(token, run_id):
+            if not run_id:
+                raise BackendError("Select a run to resume")
+            client = client_for(token)
+            run = client.get_run(str(run_id))
+            if str(run.get("status")) not in views.RESUMABLE:
+                raise BackendError(
+                    f"Run #{run_id} is {run.get('status')}: only cancelled, lost or failed runs resume"
+                )
+            client.resume_run(str(run_id))
+            gr.Info(f"Run #{run_id} resumes from its last checkpoint")
+            out = detail_values(client, str(run_id), None, force=True)
+            out[status] = f"▶ Run #{run_id} queued to resume from its last checkpoint."
+            return out
+
+        resume_btn.click(on_resume, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
 
     return demo
 

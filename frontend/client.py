@@ -495,6 +495,10 @@ class BackendClient:
         """``POST /api/runs/{id}/cancel``."""
         return self._request("POST", f"/api/runs/{run_id}/cancel")
 
+    def resume_run(self, run_id: str | int) -> JSON:
+        """``POST /api/runs/{id}/resume`` (a cancelled, lost or failed run, from its last checkpoint)."""
+        return self._request("POST", f"/api/runs/{run_id}/resume")
+
     def list_models_page(self) -> JSON:
         """``GET /api/models`` as sent: ``items``, ``active_id`` and ``serving_id`` (this replica's)."""
         data = self._request("GET", "/api/models")

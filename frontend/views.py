@@ -18,6 +18,27 @@ JSON = dict[str, Any]
 RUN_COLUMNS = ["ID", "Status", "Phase", "Fold", "Epoch", "Progress %", "ETA", "Created"]
 FOLD_COLUMNS = ["Fold", "Phase", "Best epoch", "Baseline (coarse) Dice", "Refined Dice", "Δ Dice"]
 EVAL_COLUMNS = ["Phase", "Dataset", "Split", "Images", "Baseline Dice", "Refined Dice", "Δ Dice"]
+#: Run states that ``POST /api/runs/{id}/resume`` accepts.
+RESUMABLE = ("cancelled", "lost", "failed")
+
+#: What each stored phase name means, as the tables show it.
+PHASE_LABELS = {
+    "coarse": "phase 1 · coarse",
+    "augment": "phase 2a · mask augmentation",
+    "refiner": "phase 2 · refiner (baseline of phase 3)",
+    "end_to_end": "phase 3 · end-to-end",
+    "end-to-end": "phase 3 · end-to-end",
+    "test": "test split · final model",
+}
+
+
+def phase_label(phase: Any, stage: Any = None) -> str:
+    """A phase's readable name (``refiner`` → the phase-2 baseline), with ``before training`` for a
+    baseline-stage evaluation."""
+    text = PHASE_LABELS.get(str(phase or ""), str(phase or ""))
+    return f"{text} · before training" if stage == "baseline" else text
+
+
 MODEL_COLUMNS = [
     "ID",
     "Active",
@@ -238,6 +259,9 @@ def curves_figure(frame: pd.DataFrame, title: str, ylabel: str):
             group = group.sort_values("epoch")
             axes.plot(group["epoch"], group["value"], marker="o", markersize=4, label=str(series))
         axes.xaxis.get_major_locator().set_params(integer=True)
+        last = int(frame["epoch"].max())
+        axes.set_xlim(0.5, last + 0.5)  # one epoch: a point in the middle, not at a squeezed edge
+        axes.set_xticks(range(1, last + 1, max(1, last // 10)))
         axes.legend(fontsize=7, loc="best")
     return figure
 
@@ -259,8 +283,9 @@ def _eval_fold(evaluation: JSON, default_fold: int | None) -> int | None:
 
 
 def dice_triplet(item: JSON) -> tuple[Any, Any, Any]:
-    coarse = item.get("dice_coarse", item.get("baseline_dice", item.get("coarse_dice")))
-    refined = item.get("dice_refined", item.get("refined_dice"))
+    """(coarse, refined, delta) Dice of an evaluation (``EvaluationRead``'s keys)."""
+    coarse = item.get("dice_coarse")
+    refined = item.get("dice_refined")
     delta = item.get("delta")
     if delta is None and isinstance(coarse, int | float) and isinstance(refined, int | float):
         delta = refined - coarse
@@ -292,7 +317,7 @@ def fold_rows(metrics: JSON, run: JSON | None = None) -> list[list[Any]]:
         rows.append(
             [
                 fold_text(item.get("fold")),
-                str(item.get("phase") or ""),
+                phase_label(item.get("phase")),
                 int(best) + 1 if isinstance(best, int) else "",
                 fmt_dice(coarse) if coarse is not None else fmt_dice(item.get("val_dice")),
                 fmt_dice(refined),
@@ -310,7 +335,7 @@ def fold_rows(metrics: JSON, run: JSON | None = None) -> list[list[Any]]:
         rows.append(
             [
                 "" if fold is None else str(fold),
-                str(evaluation.get("phase") or ""),
+                phase_label(evaluation.get("phase"), evaluation.get("stage")),
                 "",
                 fmt_dice(coarse),
                 fmt_dice(refined),
@@ -328,7 +353,7 @@ def eval_rows(metrics: JSON) -> list[list[Any]]:
         coarse, refined, delta = dice_triplet(evaluation)
         rows.append(
             [
-                evaluation.get("phase") or "",
+                phase_label(evaluation.get("phase"), evaluation.get("stage")),
                 evaluation.get("dataset") or "",
                 evaluation.get("split") or "",
                 evaluation.get("n_images") if evaluation.get("n_images") is not None else "",
@@ -359,7 +384,7 @@ def metric_block(metrics: JSON) -> JSON:
     The worker stores evaluations as ``{"<dataset>/<split>[/<phase>]": {dice_coarse, ...}}``;
     the test split is preferred, then any other split.
     """
-    if any(k in metrics for k in ("dice_coarse", "dice_refined", "baseline_dice", "refined_dice")):
+    if any(k in metrics for k in ("dice_coarse", "dice_refined")):
         return metrics
     blocks = [
         (str(key), value)

@@ -34,6 +34,7 @@ from backend.app.db.session import init_db, session_scope
 from training.callbacks import ProgressEvent, TrainingCallback, TrainingCancelled
 from training.config import TrainingConfig
 from worker.celery_app import TRAIN_TASK, app
+from worker.eta import EtaEstimator
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +130,14 @@ class StoreCallback(TrainingCallback):
         self.started = time.monotonic()
         self.start_progress = start_progress
         self.progress = start_progress
+        self.eta = EtaEstimator(start_progress)
         self.last_step_write = 0.0
         self.cancel_requested = False
         self.events = 0
 
     # -- helpers
     def eta_s(self, progress: float | None) -> float | None:
-        if progress is None:
-            return None
-        done = progress - self.start_progress
-        elapsed = time.monotonic() - self.started
-        if done <= 1e-6 or elapsed < 1.0:
-            return None
-        return max(0.0, elapsed * (1.0 - progress) / done)
+        return self.eta.update(progress)
 
     def _progress(self, session, event: ProgressEvent, *, heartbeat: bool = True) -> None:
         if event.progress is not None:

@@ -1,0 +1,102 @@
+"""Pure pieces of the admin UI: ground-truth checks, prompt geometry, labels, ETA-free curves."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from frontend import overlay as ov
+from frontend import views
+from frontend.client import MaskResult, SegmentResult
+from frontend.compare import CompareState, Prompt, derived_prompts, display_to_native, render
+from tests.imaging_fixtures import BUSI_ROOT
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_truth_mask_of_another_size_is_refused_by_name():
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:10, 5:10] = 255
+    with pytest.raises(ov.MaskError, match="40×30 pixels but the image is 80×60"):
+        ov.load_truth_mask(_png(mask), (60, 80))
+
+
+def test_the_ultrasound_image_is_not_a_mask():
+    image = BUSI_ROOT / "benign" / "benign (10).png"
+    if not image.is_file():
+        pytest.skip("BUSI data missing")
+    data = image.read_bytes()
+    with Image.open(io.BytesIO(data)) as opened:
+        shape = (opened.height, opened.width)
+    with pytest.raises(ov.MaskError, match="not binary"):
+        ov.load_truth_mask(data, shape)
+    real = ov.load_truth_mask((BUSI_ROOT / "benign" / "benign (10)_mask.png").read_bytes(), shape)
+    assert real.dtype == bool and 0 < real.mean() < 0.5
+
+
+def test_a_jpeg_like_mask_with_few_edge_levels_is_accepted():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[20:60, 20:60] = 255
+    mask[20, 20:60] = 128  # an antialiased edge: 40 pixels of 10000
+    assert ov.load_truth_mask(_png(mask), (100, 100)).sum() == 40 * 40
+
+
+def _state(width: int = 1536, height: int = 1024) -> CompareState:
+    empty = np.zeros((height, width), bool)
+    result = SegmentResult(
+        model_version="m",
+        width=width,
+        height=height,
+        coarse=MaskResult(mask=empty, png=b""),
+        refined=MaskResult(mask=empty, png=b""),
+        raw={"prompts": {"points": [[10, 20], [30, 40]], "point_labels": [1, 0], "box": [1, 2, 300, 400],
+                         "source": "coarse"}},
+    )  # fmt: skip
+    return CompareState(
+        path="x", filename="x.png", is_dicom=False, frame=None, result=result,
+        image=np.zeros((height, width, 3), np.uint8),
+    )  # fmt: skip
+
+
+def test_clicks_on_the_shrunk_view_map_to_native_pixels():
+    state = _state()  # shown at 768 × 512 (scale 0.5)
+    assert display_to_native(state, 100, 50) == (200.0, 100.0)
+    assert display_to_native(state, 10_000, -5) == (1536.0, 0.0)  # clamped into the image
+
+
+def test_a_first_correction_starts_from_the_derived_prompts():
+    prompts = derived_prompts(_state().result)
+    assert [p.kind for p in prompts] == ["box", "point", "point"] and all(p.derived for p in prompts)
+    assert [(p.x, p.y, p.label) for p in prompts[1:]] == [(10, 20, 1), (30, 40, 0)]
+
+
+def test_no_lesion_is_said_plainly_and_prompts_are_drawn():
+    state = _state(200, 100)
+    state.prompts = [Prompt(kind="point", x=50, y=50, label=0)]
+    views_out = render(state)
+    assert "No lesion found" in views_out.markdown
+    assert views_out.combined.shape == (100, 200, 3)
+    assert tuple(views_out.combined[50, 50]) == (235, 50, 50)  # the background point, red
+
+
+def test_phase_labels_name_the_phase_2_baseline():
+    assert views.phase_label("refiner") == "phase 2 · refiner (baseline of phase 3)"
+    assert views.phase_label("end_to_end", "baseline") == "phase 3 · end-to-end · before training"
+    evaluation = {"phase": "refiner", "stage": "final", "dataset": "busi", "split": "val"}
+    evaluation |= {"dice_coarse": 0.7, "dice_refined": 0.72}
+    rows = views.eval_rows({"evaluations": [evaluation]})
+    assert rows[0][0].startswith("phase 2") and rows[0][-1] == "+0.0200"
+
+
+def test_one_epoch_curve_is_readable():
+    figure = views.curves_figure(pd.DataFrame([{"epoch": 1, "value": 0.5, "series": "coarse"}]), "Dice", "d")
+    axes = figure.axes[0]
+    assert axes.get_xlim() == (0.5, 1.5) and list(axes.get_xticks()) == [1]
