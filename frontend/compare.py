@@ -8,8 +8,9 @@ the prompts re-runs ``/segment`` with them; the server keeps the image embedding
 so a correction does not re-encode the image (``embedding_cached`` in the answer).
 
 Prompts: a click on the combined view adds a lesion point or a background point (the click mode
-picks which), or, in box mode, sets one corner and then the opposite corner of the box (one box;
-a new one replaces it). Undo removes the last prompt, Clear removes them all (the prompts are
+picks which), or, in box mode, sets one corner and then the opposite corner of the box; dragging
+across the lesion in the box panel (``gradio-image-annotation``) draws the box directly. There
+is one box: a new one replaces it. Undo removes the last prompt, Clear removes them all (the prompts are
 then derived from the coarse mask again).
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from gradio_image_annotation import image_annotator
 from PIL import Image
 
 from frontend import overlay as ov
@@ -37,6 +39,8 @@ BACKGROUND_POINT = "Background point"
 BOX_CORNERS = "Box (click two corners)"
 CLICK_MODES = [LESION_POINT, BACKGROUND_POINT, BOX_CORNERS]
 DICOM_SUFFIXES = (".dcm", ".dicom")
+#: A dragged box narrower or lower than this (display pixels) is a press, not a box.
+MIN_DRAG_PX = 12
 ACCEPTED = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"]
 
 
@@ -177,6 +181,21 @@ def click(client: BackendClient, state: CompareState, x: float, y: float, mode: 
         return resegment(client, state, [*kept, Prompt(kind="box", box=box)])
     label = 0 if mode == BACKGROUND_POINT else 1
     return resegment(client, state, [*base, Prompt(kind="point", x=nx, y=ny, label=label)])
+
+
+def drag_box(
+    client: BackendClient, state: CompareState, box: tuple[float, float, float, float]
+) -> CompareState:
+    """A box dragged on the (possibly shrunk) view, ``(x0, y0, x1, y1)`` in display pixels: it
+    becomes the box prompt (replacing an earlier one) and the masks are recomputed."""
+    ax, ay = display_to_native(state, box[0], box[1])
+    bx, by = display_to_native(state, box[2], box[3])
+    if abs(ax - bx) < 2 or abs(ay - by) < 2:
+        raise BackendError("The box is too small: drag across the lesion")
+    base = state.prompts or derived_prompts(state.result)
+    kept = [p for p in base if p.kind != "box"]
+    native = (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
+    return resegment(client, state, [*kept, Prompt(kind="box", box=native)])
 
 
 def undo(client: BackendClient, state: CompareState) -> CompareState:
@@ -383,6 +402,23 @@ def build(
             show_truth = gr.Checkbox(value=True, label="Ground truth", elem_id="show-truth")
             opacity_in = gr.Slider(0.0, 1.0, value=0.35, step=0.05, label="Opacity", elem_id="opacity")
     compare_md = gr.Markdown("", elem_id="compare-result")
+    with gr.Accordion("Draw a box (drag across the lesion)", open=True, elem_id="box-panel"):
+        box_drawer = image_annotator(
+            value=None,
+            single_box=True,
+            label_list=["box"],
+            label_colors=[(255, 255, 255)],
+            use_default_label=True,
+            sources=[],
+            image_type="numpy",
+            show_label=False,
+            show_download_button=False,
+            show_clear_button=False,
+            show_share_button=False,
+            enable_keyboard_shortcuts=False,
+            height=520,
+            elem_id="box-drawer",
+        )
     with gr.Accordion("Side by side", open=False, elem_id="side-by-side"):
         with gr.Row():
             coarse_out = gr.Image(
@@ -397,7 +433,7 @@ def build(
 
     toggles = [show_coarse, show_refined, show_truth, opacity_in]
     views_out = [combined_out, coarse_out, refined_out, compare_md]
-    outputs = [state, *views_out, export_btn, downloads, frame_in, status]
+    outputs = [state, *views_out, export_btn, downloads, frame_in, box_drawer, status]
 
     def shown(new_state: CompareState, toggle_values, message: str) -> dict:
         views = render(
@@ -415,6 +451,8 @@ def build(
             compare_md: views.markdown,
             export_btn: gr.Button(interactive=True),
             downloads: gr.File(value=None, visible=False),
+            # The box panel shows the same view, with no pending box (the prompt box is drawn in).
+            box_drawer: {"image": views.combined, "boxes": []},
             status: message,
         }
 
@@ -428,6 +466,7 @@ def build(
             compare_md: f"**Could not segment this file.** {message}",
             export_btn: gr.Button(interactive=False),
             downloads: gr.File(value=None, visible=False),
+            box_drawer: None,
             status: f"⚠ {message}",
         }
 
@@ -463,6 +502,7 @@ def build(
             export_btn: gr.Button(interactive=False),
             downloads: gr.File(value=None, visible=False),
             frame_in: gr.Number(value=1),
+            box_drawer: None,
         }
 
     file_in.change(on_new_file, outputs=outputs, show_progress="hidden")
@@ -487,6 +527,20 @@ def build(
         )(token, current, t0, t1, t2, t3)
 
     combined_out.select(on_click, inputs=[token_state, state, mode_in, *toggles], outputs=outputs)
+
+    def on_drag(token, current, drawn, t0, t1, t2, t3):
+        boxes = (drawn or {}).get("boxes") or []
+        if current is None or not boxes:
+            return {status: gr.skip()}  # the panel was reset by an update, not drawn on
+        last = boxes[-1]
+        box = (float(last["xmin"]), float(last["ymin"]), float(last["xmax"]), float(last["ymax"]))
+        if abs(box[2] - box[0]) < MIN_DRAG_PX or abs(box[3] - box[1]) < MIN_DRAG_PX:
+            return {status: gr.skip()}  # a press without a drag (the component's minimum box)
+        return correcting(
+            lambda client, st: drag_box(client, st, box), lambda st: "✓ Box set: mask updated."
+        )(token, current, t0, t1, t2, t3)
+
+    box_drawer.change(on_drag, inputs=[token_state, state, box_drawer, *toggles], outputs=outputs)
     undo_btn.click(
         correcting(undo, lambda st: "✓ Last prompt undone."),
         inputs=[token_state, state, *toggles],
@@ -502,7 +556,12 @@ def build(
         if current is None:
             return {status: gr.skip()}
         views = render(current, show_coarse=t0, show_refined=t1, show_truth=t2, opacity=float(t3))
-        return {combined_out: views.combined, coarse_out: views.coarse, refined_out: views.refined}
+        return {
+            combined_out: views.combined,
+            coarse_out: views.coarse,
+            refined_out: views.refined,
+            box_drawer: {"image": views.combined, "boxes": []},
+        }
 
     for toggle in toggles:
         toggle.change(on_toggle, inputs=[state, *toggles], outputs=outputs, show_progress="hidden")

@@ -4,7 +4,8 @@ API (``uvicorn backend.app.main:app``, default settings: the shipped model on th
 engine) and UI (``python -m frontend.app``) are started by this test. Scenarios:
 
 * a BUSI image and its mask: segment; add a background point, then a box (two corners), and see
-  the refined mask change each time on the cached embedding; undo; download the masks;
+  the refined mask change each time on the cached embedding; undo; drag a box in the box panel;
+  download the masks;
 * bad files: a text file named ``.png`` shows the server's reason and clears the previous result;
   the ultrasound image given as its own mask and a mask of another size are refused by name;
 * a DICOM cine (3 frames of a BUSI image, with a pixel spacing): frame selector, mm² areas, and
@@ -167,6 +168,23 @@ def test_correct_a_busi_mask_with_a_point_and_a_box_then_undo_and_download(page)
     page.click("#undo-btn")
     _wait_text(page, "#compare-result", "prompts derived from the coarse mask", timeout=120)
     assert _refined_area(page) == first
+
+    # Dragging across the lesion in the box panel sets the box directly.
+    canvas = page.locator("#box-drawer canvas").first
+    canvas.scroll_into_view_if_needed()
+    area = canvas.bounding_box()
+    page.mouse.move(area["x"] + area["width"] * 0.08, area["y"] + area["height"] * 0.08)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(
+            area["x"] + area["width"] * (0.08 + 0.03 * step),
+            area["y"] + area["height"] * (0.08 + 0.04 * step),
+        )
+    page.mouse.up()
+    _wait_text(page, "#compare-result", "0 point(s), 1 box", timeout=120)
+    assert _refined_area(page) != first
+    page.click("#undo-btn")
+    _wait_text(page, "#compare-result", "prompts derived from the coarse mask", timeout=120)
 
     # Layers and opacity redraw the combined view without a request.
     page.locator("#show-coarse input").check()
