@@ -292,7 +292,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(segment.router)
-    for module in ("backend.app.api.routes.runs", "backend.app.api.routes.models"):
+    for module in (
+        "backend.app.api.routes.runs",
+        "backend.app.api.routes.models",
+        "backend.app.api.routes.corrections",
+    ):
         router = _optional_router(module)
         if router is not None:
             app.include_router(router)

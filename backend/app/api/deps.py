@@ -119,6 +119,7 @@ MAX_RECORD_ID = 2**63 - 1
 
 RunIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Run id.")]
 ModelIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Model version id.")]
+RecordIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Record id.")]
 OffsetQuery = Annotated[int, Query(ge=0, le=MAX_RECORD_ID, description="Rows to skip.")]
 
 #: OpenAPI answers of every admin route (``APIRouter(responses=ADMIN_RESPONSES)``), and of those

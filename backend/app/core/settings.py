@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     models_dir: Path = Field(VAR_DIR / "models", description="Shared folder of exported model bundles.")
     runs_dir: Path = Field(VAR_DIR / "runs", description="Shared folder of run checkpoints.")
     cache_dir: Path = Field(VAR_DIR / "cache", description="Shared embedding cache of training.")
+    corrections_dir: Path = Field(
+        VAR_DIR / "corrections",
+        description="Where saved corrections (image + mask pairs) are kept: the root of the "
+        "'corrections' dataset.",
+    )
+    corrections_keep_dicom: bool = Field(
+        False,
+        description="Also keep the original DICOM file of a saved correction (default: pixels only, "
+        "de-identified; the SOPInstanceUID kept as a hash).",
+    )
     datasets_root: Path | None = Field(None, description="Root that dataset paths of runs must lie under.")
     max_upload_mb: float = Field(32.0, gt=0, description="Largest accepted upload (MiB).")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb guard.")

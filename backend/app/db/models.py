@@ -224,3 +224,30 @@ class ModelVersion(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column()
+
+
+class Correction(Base):
+    """A mask a user accepted or corrected, saved (on request only) as ground truth for training.
+
+    The image and the mask are files under ``settings.corrections_dir`` (``images/<key>.png``,
+    ``masks/<key>.png``, ``meta/<key>.json``); the row indexes them. ``image_key`` is the hash of
+    the decoded pixels, so the same image (frame) is saved once. DICOM headers are not kept: only
+    a hash of the source's SOPInstanceUID (unless ``corrections_keep_dicom`` is set).
+    """
+
+    __tablename__ = "corrections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_key: Mapped[str] = mapped_column(String(64), unique=True)
+    source_kind: Mapped[str] = mapped_column(String(16), doc="png, jpeg, bmp, tiff or dicom.")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    frame: Mapped[int] = mapped_column(Integer, default=0)
+    lesion_px: Mapped[int] = mapped_column(Integer, default=0)
+    mask_source: Mapped[str] = mapped_column(String(16), doc="'refined' (accepted) or 'corrected'.")
+    model_version: Mapped[str | None] = mapped_column(String(255))
+    prompts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    sop_instance_uid_sha256: Mapped[str | None] = mapped_column(String(64))
+    deidentified: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

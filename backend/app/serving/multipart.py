@@ -95,7 +95,7 @@ async def read_multipart(request: Request, *, limit_bytes: int, file_limit_bytes
         if current is None:
             return
         current.data.extend(data[start:end])
-        is_file = current.filename is not None or current.name in ("file", "files")
+        is_file = current.filename is not None or current.name in ("file", "files", "mask")
         limit = file_limit_bytes if is_file else _MAX_FIELD_BYTES
         if len(current.data) > limit and not problem:
             what = "file" if is_file else f"form field {current.name!r}"
