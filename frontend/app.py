@@ -40,7 +40,7 @@ from typing import Any
 import gradio as gr
 
 from frontend import compare as compare_tab
-from frontend import models_tab, views
+from frontend import corrections_tab, models_tab, views
 from frontend.client import BackendClient, BackendError
 from frontend.schema_form import PROMOTED, FieldSpec, FormError, collect_config, form_fields, sections
 
@@ -427,7 +427,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                     compare = compare_tab.build(client_for, token_state, status, guarded, _export_folder)
 
-                # ------------------------------------------------------------ models
+                # ------------------------------------------------------------ corrections, models
+                corrections = corrections_tab.build(client_for, token_state, status, guarded)
                 models = models_tab.build(client_for, token_state, status, guarded)
 
         # ==================================================================== handlers
@@ -516,6 +517,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_sig_state: None,
                 models.table: [],
                 models.select: gr.update(choices=[], value=None),
+                corrections.table: [],
+                corrections.select: gr.update(choices=[], value=None),
                 **compare_tab.signed_out(compare),
                 **empty_detail(),
             }
@@ -534,6 +537,8 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 runs_sig_state,
                 models.table,
                 models.select,
+                corrections.table,
+                corrections.select,
                 *compare.reset_outputs(),
                 *detail_outputs,
             ],

@@ -499,6 +499,46 @@ class BackendClient:
         """``POST /api/runs/{id}/resume`` (a cancelled, lost or failed run, from its last checkpoint)."""
         return self._request("POST", f"/api/runs/{run_id}/resume")
 
+    # -- corrections ----------------------------------------------------------------------
+
+    def save_correction(
+        self,
+        image: bytes,
+        filename: str,
+        mask_png: bytes,
+        *,
+        frame: int | None = None,
+        mask_source: str = "corrected",
+        model_version: str | None = None,
+        prompts: JSON | None = None,
+        replace: bool = False,
+    ) -> JSON:
+        """``POST /api/corrections``: save the image (frame) and its mask as ground truth."""
+        files = {
+            "file": (filename or "image.png", image, "application/octet-stream"),
+            "mask": ("mask.png", mask_png, "image/png"),
+        }
+        data = {"mask_source": mask_source, "replace": "true" if replace else "false"}
+        if frame is not None:
+            data["frame"] = str(int(frame))
+        if model_version:
+            data["model_version"] = model_version
+        if prompts:
+            data["prompts"] = json.dumps(prompts)
+        return self._request("POST", "/api/corrections", files=files, data=data, timeout=self.segment_timeout)
+
+    def list_corrections(self) -> JSON:
+        """``GET /api/corrections``: ``items``, ``total`` and the dataset ``folder``."""
+        return self._request("GET", "/api/corrections")
+
+    def correction_png(self, correction_id: str | int, part: str) -> bytes:
+        """The saved ``image`` or ``mask`` of a correction as PNG bytes."""
+        return self._request("GET", f"/api/corrections/{correction_id}/{part}.png", raw=True)
+
+    def delete_correction(self, correction_id: str | int) -> None:
+        """``DELETE /api/corrections/{id}``."""
+        self._request("DELETE", f"/api/corrections/{correction_id}")
+
     def list_models_page(self) -> JSON:
         """``GET /api/models`` as sent: ``items``, ``active_id`` and ``serving_id`` (this replica's)."""
         data = self._request("GET", "/api/models")

@@ -33,6 +33,7 @@ from frontend import overlay as ov
 from frontend.client import BackendClient, BackendError, SegmentResult
 
 logger = logging.getLogger("ultrarefiner.ui")
+JSON = dict[str, Any]
 
 LESION_POINT = "Lesion point"
 BACKGROUND_POINT = "Background point"
@@ -312,6 +313,25 @@ def _mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def save_as_truth(client: BackendClient, state: CompareState, *, replace: bool = False) -> JSON:
+    """Save the image (frame) with the refined mask shown as ground truth (``POST
+    /api/corrections``): ``corrected`` when clinician prompts made it, else ``refined`` (accepted
+    as the model gave it), with the model version and the prompts. Only on this explicit request."""
+    data, filename = _read_upload(state.path)
+    clicked = [p for p in state.prompts if not p.derived]
+    prompts = {"points": state.points, "box": state.box} if clicked else {}
+    return client.save_correction(
+        data,
+        filename,
+        _mask_png(state.result.refined.mask),
+        frame=state.frame,
+        mask_source="corrected" if clicked else "refined",
+        model_version=state.result.model_version,
+        prompts=prompts,
+        replace=replace,
+    )
+
+
 def export(client: BackendClient, state: CompareState, folder: Path) -> list[Path]:
     """The masks as PNG files (and, for DICOM input, the DICOM SEG of the same prompts) in
     ``folder``; written only when the user asks to download."""
@@ -428,12 +448,17 @@ def build(
                 label="Refined mask", format="png", interactive=False, elem_id="refined-overlay", height=360
             )
     with gr.Row():
+        save_btn = gr.Button("Save as ground truth", interactive=False, elem_id="save-truth-btn")
+        replace_in = gr.Checkbox(
+            value=False, label="Replace if this image is saved already", elem_id="replace-truth"
+        )
+    with gr.Row():
         export_btn = gr.Button("Prepare downloads", interactive=False, elem_id="export-btn")
         downloads = gr.File(label="Downloads", file_count="multiple", visible=False, elem_id="downloads")
 
     toggles = [show_coarse, show_refined, show_truth, opacity_in]
     views_out = [combined_out, coarse_out, refined_out, compare_md]
-    outputs = [state, *views_out, export_btn, downloads, frame_in, box_drawer, status]
+    outputs = [state, *views_out, export_btn, downloads, frame_in, box_drawer, save_btn, status]
 
     def shown(new_state: CompareState, toggle_values, message: str) -> dict:
         views = render(
@@ -450,6 +475,7 @@ def build(
             refined_out: views.refined,
             compare_md: views.markdown,
             export_btn: gr.Button(interactive=True),
+            save_btn: gr.Button(interactive=True),
             downloads: gr.File(value=None, visible=False),
             # The box panel shows the same view, with no pending box (the prompt box is drawn in).
             box_drawer: {"image": views.combined, "boxes": []},
@@ -465,6 +491,7 @@ def build(
             refined_out: None,
             compare_md: f"**Could not segment this file.** {message}",
             export_btn: gr.Button(interactive=False),
+            save_btn: gr.Button(interactive=False),
             downloads: gr.File(value=None, visible=False),
             box_drawer: None,
             status: f"⚠ {message}",
@@ -500,6 +527,7 @@ def build(
             refined_out: None,
             compare_md: "",
             export_btn: gr.Button(interactive=False),
+            save_btn: gr.Button(interactive=False),
             downloads: gr.File(value=None, visible=False),
             frame_in: gr.Number(value=1),
             box_drawer: None,
@@ -577,6 +605,25 @@ def build(
         }
 
     export_btn.click(on_export, inputs=[token_state, state], outputs=outputs)
+
+    @guarded()
+    def on_save(token, current, replace):
+        if current is None:
+            raise BackendError("Segment an image first")
+        try:
+            saved = save_as_truth(client_for(token), current, replace=bool(replace))
+        except BackendError as exc:
+            if exc.status_code == 409:
+                raise BackendError(
+                    "This image is saved already: tick 'Replace if this image is saved already' to "
+                    "replace its mask"
+                ) from exc
+            raise
+        what = "corrected mask" if saved.get("mask_source") == "corrected" else "refined mask (accepted)"
+        gr.Info(f"Saved as correction #{saved.get('id')}")
+        return {status: f"✓ Saved as ground truth: correction #{saved.get('id')} ({what})."}
+
+    save_btn.click(on_save, inputs=[token_state, state, replace_in], outputs=outputs)
     return CompareTab(state=state, outputs=outputs, files=[file_in, truth_in], cleared=on_new_file)
 
 

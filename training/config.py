@@ -24,7 +24,7 @@ SHARED_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 #: embedding-cache key and is stored in every checkpoint and bundle.
 PREPROCESSING_VERSION = "1"
 
-DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm"]
+DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm", "corrections"]
 ConfigName = Literal["compact", "full"]
 Backbone = Literal["litemedsam", "sam_vit_b"]
 Device = Literal["auto", "cpu", "cuda"]

@@ -92,6 +92,7 @@ class Stack:
             MODELS_DIR=str(root / "models"),
             CACHE_DIR=str(root / "cache"),
             ONNX_CACHE_DIR=str(root / "onnx"),
+            CORRECTIONS_DIR=str(root / "corrections"),
             ADMIN_TOKEN=TOKEN,
             DEVICE="cpu",
             GRADIO_TEMP_DIR=str(root / "gradio"),

@@ -273,3 +273,30 @@ def test_a_dicom_cine_frame_with_mm_areas_and_a_seg_download(page, tmp_path):
     )
     derivation = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
     assert int(derivation.SourceImageSequence[0].ReferencedFrameNumber) == 2
+
+
+def test_save_a_corrected_mask_as_ground_truth_then_view_and_delete_it(page, stack):
+    _upload(page, "#compare-file", IMAGE)
+    _segment(page, "Area (px)")
+    _mode(page, "Background point")
+    _click_view(page, 0.30, 0.30)
+    _wait_text(page, "#compare-result", "clinician prompts: 1 point(s)", timeout=120)
+    corrected = _refined_area(page)
+    page.click("#save-truth-btn")
+    _wait_text(page, "#status", "Saved as ground truth: correction #", timeout=60)
+    assert "corrected mask" in page.locator("#status").inner_text()
+    page.click("#save-truth-btn")  # the same image again: refused, with how to replace it
+    _wait_text(page, "#status", "saved already", timeout=60)
+    page.locator("#replace-truth input").check()
+    page.click("#save-truth-btn")
+    _wait_text(page, "#status", "Saved as ground truth", timeout=60)
+
+    page.get_by_role("tab", name="Corrections").click()
+    table = _wait_text(page, "#corrections-table", "corrected", timeout=60)
+    assert str(corrected) in table
+    assert "1 saved correction" in page.locator("#corrections-info").inner_text()
+    page.click("#view-correction-btn")
+    page.wait_for_selector("#correction-view img", timeout=30_000)
+    page.click("#delete-correction-btn")
+    _wait_text(page, "#corrections-info", "0 saved correction", timeout=60)
+    assert not list((stack.root / "corrections").rglob("*.png"))

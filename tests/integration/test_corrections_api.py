@@ -174,3 +174,30 @@ def test_a_failure_mid_save_leaves_no_half_pair(settings, monkeypatch):
     assert not [p for p in settings.corrections_dir.rglob("*") if p.is_file()]
     with session_scope(settings) as session:
         assert store.count_corrections(session) == 0
+
+
+def test_saved_corrections_are_the_corrections_dataset(client, settings):
+    from training.data.datasets import list_samples, load_mask
+
+    names = ["benign (10).png", "benign (11).png", "malignant (5).png"]
+    for name in names:
+        folder = "malignant" if name.startswith("malignant") else "benign"
+        image = BUSI_ROOT / folder / name
+        mask = BUSI_ROOT / folder / name.replace(".png", "_mask.png")
+        assert _save(client, image.read_bytes(), mask.read_bytes()).status_code == 201
+    empty = _png(np.zeros((48, 64), np.uint8))
+    cine = make_dicom(frames=2)
+    assert _save(client, cine, empty, frame=0).status_code == 201
+    assert _save(client, cine, empty, frame=1).status_code == 201  # another frame of the same instance
+
+    samples = list_samples("corrections", settings.corrections_dir)
+    assert len(samples) == 5
+    assert sorted(s.label for s in samples) == ["lesion"] * 3 + ["normal"] * 2
+    groups = [s.group for s in samples if s.group]
+    assert len(groups) == 2 and len(set(groups)) == 1  # two frames of one DICOM: one group
+    masks = [load_mask(s) for s in samples if s.label == "lesion"]
+    assert all(m.dtype == bool and m.any() for m in masks)
+
+    # A half-written pair (no meta file yet) is not a sample.
+    next(settings.corrections_dir.glob("meta/*.json")).unlink()
+    assert len(list_samples("corrections", settings.corrections_dir)) == 4

@@ -51,7 +51,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DATASETS = ("busi", "busbra", "bus", "bus_uc", "bus_uclm")
+DATASETS = ("busi", "busbra", "bus", "bus_uc", "bus_uclm", "corrections")
 
 
 @dataclass
@@ -175,6 +175,7 @@ def list_samples(dataset: str, root: Path | str) -> list[Sample]:
         "bus": _list_bus,
         "bus_uc": _list_bus_uc,
         "bus_uclm": _list_bus_uclm,
+        "corrections": _list_corrections,
     }
     if dataset not in readers:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
@@ -358,6 +359,31 @@ def _list_bus(root: Path) -> list[Sample]:
     images = _images_in(_child(base, "original"))
     matched = _match_by_stem(images, _child(base, "GT"))
     return [Sample(image.stem, image, [matched[image]], "lesion", None, "bus") for image in images]
+
+
+def _list_corrections(root: Path) -> list[Sample]:
+    """Masks saved from the admin UI or ``POST /api/corrections`` (``backend/app/corrections.py``):
+    ``images/<key>.png``, ``masks/<key>.png`` and ``meta/<key>.json``; a pair counts once its meta
+    file exists (written last). Frames of one DICOM instance share a group (the hash of its
+    SOPInstanceUID), so a split never separates them."""
+    import json
+
+    meta_dir = root / "meta"
+    if not meta_dir.is_dir():
+        raise FileNotFoundError(f"not a corrections folder: {root} (expected meta/, images/, masks/)")
+    samples = []
+    for meta_path in sorted(meta_dir.glob("*.json"), key=lambda p: p.name):
+        image, mask = root / "images" / f"{meta_path.stem}.png", root / "masks" / f"{meta_path.stem}.png"
+        if not (image.is_file() and mask.is_file()):
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            continue
+        label = "lesion" if int(meta.get("lesion_px") or 0) > 0 else "normal"
+        group = meta.get("sop_instance_uid_sha256") or None
+        samples.append(Sample(meta_path.stem, image, [mask], label, group, "corrections", extra={"meta": meta}))
+    return samples
 
 
 def _list_bus_uc(root: Path) -> list[Sample]:
