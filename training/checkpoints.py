@@ -22,6 +22,7 @@ uploaded by a user cannot execute code.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -222,6 +223,47 @@ def build_untrained_bundle(cfg: TrainingConfig | None = None, seed: int | None =
         metrics={},
         untrained=True,
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _init_bundle_cached(path: str, mtime_ns: int) -> dict:
+    return load_bundle(path)
+
+
+def init_bundle(cfg: TrainingConfig) -> dict | None:
+    """The bundle ``cfg.init_from`` names (loaded once per file version), or None."""
+    if cfg.init_from is None:
+        return None
+    path = Path(cfg.init_from).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no bundle at {path}")
+    return _init_bundle_cached(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+def adopt_init_architecture(cfg: TrainingConfig) -> TrainingConfig:
+    """With ``init_from``, the run's TransUNet and refiner settings are the bundle's (its weights
+    only fit its architecture); without, ``cfg`` as it is."""
+    bundle = init_bundle(cfg)
+    if bundle is None:
+        return cfg
+    source = bundle_config(bundle)
+    return cfg.model_copy(update={"transunet": source.transunet, "refiner": source.refiner})
+
+
+def initial_refiner(cfg: TrainingConfig):
+    """The refiner a run starts from: the bundle's trainable weights with ``init_from``, else the
+    seeded pretrained backbone (:func:`build_seeded_refiner`)."""
+    refiner = build_seeded_refiner(cfg)
+    bundle = init_bundle(cfg)
+    if bundle is not None:
+        refiner.load_trainable_state_dict(bundle["refiner_state_dict"])
+    return refiner
+
+
+def initial_coarse_state(cfg: TrainingConfig) -> dict | None:
+    """The coarse weights a run starts from with ``init_from`` (None: from scratch / npz)."""
+    bundle = init_bundle(cfg)
+    return None if bundle is None else bundle["coarse_state_dict"]
 
 
 def build_seeded_refiner(cfg: TrainingConfig):

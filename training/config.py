@@ -276,6 +276,12 @@ class TrainingConfig(BaseSettings):
     device: Device = Field("auto", description="auto = CUDA when present, else CPU.")
     output_dir: Path = Field(REPO_ROOT / "runs" / "default", description="Checkpoints, split, reports.")
     cache_dir: Path = Field(REPO_ROOT / ".cache" / "embeddings", description="Image-embedding cache.")
+    init_from: Path | None = Field(
+        None,
+        description="Fine-tune: start from this bundle's coarse and refiner weights (and take its "
+        "architecture) instead of from scratch, e.g. models/default.pt on saved corrections; the run "
+        "also evaluates the starting model on its test split, for before/after.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     transunet: TransUNetConfig = Field(default_factory=lambda: TransUNetConfig.named("compact"))
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)

@@ -100,6 +100,7 @@ def evaluate(
     callback: TrainingCallback | None = None,
     on_image: Callable[[int, int, dict], None] | None = None,
     phase: str | None = "evaluation",
+    stage: str = "final",
 ) -> dict:
     """Run ``predictor`` (a :class:`training.inference.Predictor`) on ``samples`` and report Dice.
 
@@ -143,7 +144,7 @@ def evaluate(
                 dice=report["dice_refined"],
                 elapsed_s=report["elapsed_s"],
                 message=format_report(report),
-                extra={k: v for k, v in report.items() if k != "per_image"},
+                extra={**{k: v for k, v in report.items() if k != "per_image"}, "stage": stage},
             )
         )
     return report

@@ -92,9 +92,11 @@ def run_training(cfg: TrainingConfig, callback: TrainingCallback | None = None, 
 
 
 def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_dir: Path) -> dict:
+    from training.checkpoints import adopt_init_architecture, init_bundle
     from training.data.splits import split_for
 
     started = time.monotonic()
+    cfg = adopt_init_architecture(cfg)
     state = RunState(output_dir / "state.json")
     config_path = output_dir / "config.json"
     if resume and config_path.is_file():
@@ -163,13 +165,22 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
             state.mark_done(phase, summary={"best_dice": summary.get("best_dice", summary.get("mean_dice"))})
             phase_summaries[phase] = summary
 
-        test_report, bundle_path = None, None
+        test_report, bundle_path, init_report = None, None, None
+        starting = init_bundle(cfg)
+        if starting is not None:  # before/after: the model the run started from, same test split
+            init_report = evaluate_test_split(ctx, starting, stage="baseline")
         bundle = assemble_bundle(output_dir, cfg)
         if bundle is None:
             ctx.warn("no coarse model in this run yet: no test evaluation and no bundle", EVALUATION)
         else:
             test_report = evaluate_test_split(ctx, bundle)
             bundle["metrics"] = bundle_metrics(output_dir, test_report)
+            if init_report is not None:
+                bundle["metrics"]["init_test"] = _without_images(init_report)
+                bundle["metrics"]["init_from"] = {
+                    "path": str(cfg.init_from),
+                    "model_version": starting["model_version"],
+                }
             bundle_path = save_bundle(output_dir / "bundle.pt", bundle)
         ctx.progress.set(EVALUATION, 1.0)
     except TrainingCancelled as cancelled:
@@ -191,7 +202,8 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
         "split": split.counts(),
         "coarse_folds": _fold_dice(output_dir),
         "phase_summaries": {phase: _brief(s) for phase, s in phase_summaries.items()},
-        "test": None if test_report is None else {k: v for k, v in test_report.items() if k != "per_image"},
+        "test": None if test_report is None else _without_images(test_report),
+        "init_test": None if init_report is None else _without_images(init_report),
         "bundle_path": None if bundle_path is None else str(bundle_path),
         "model_version": None if bundle is None else bundle["model_version"],
         "metrics": None if bundle is None else bundle["metrics"],
@@ -207,8 +219,13 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
     return summary
 
 
-def evaluate_test_split(ctx: RunContext, bundle: dict) -> dict:
-    """The evaluation protocol on the held-out test split with the exact serving path (Predictor)."""
+def _without_images(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "per_image"}
+
+
+def evaluate_test_split(ctx: RunContext, bundle: dict, *, stage: str = "final") -> dict:
+    """The evaluation protocol on the held-out test split with the exact serving path (Predictor);
+    ``stage="baseline"`` for the model a fine-tuning run started from."""
     from training.evaluate import evaluate, format_report
     from training.inference import Predictor
     from training.phases.refiner_finetune import embedding_cache_for
@@ -228,9 +245,11 @@ def evaluate_test_split(ctx: RunContext, bundle: dict) -> dict:
         callback=_ContextEvents(ctx),
         on_image=on_image,
         phase="test",
+        stage=stage,
     )
     report["split"] = "test"
-    write_json(Path(ctx.cfg.output_dir) / "evaluation_test.json", report)
+    name = "evaluation_test.json" if stage == "final" else f"evaluation_test_{stage}.json"
+    write_json(Path(ctx.cfg.output_dir) / name, report)
     log.info("test split: %s", format_report(report))
     return report
 
@@ -292,9 +311,9 @@ def assemble_bundle(run_dir: Path, cfg: TrainingConfig | None = None) -> dict | 
     if sources["refiner"] is not None:
         refiner_state = load_checkpoint(sources["refiner"])["refiner"]
     else:
-        from training.checkpoints import build_seeded_refiner
+        from training.checkpoints import initial_refiner
 
-        refiner_state = build_seeded_refiner(cfg).trainable_state_dict()
+        refiner_state = initial_refiner(cfg).trainable_state_dict()
     return make_bundle(
         config=cfg,
         coarse_state_dict=coarse_state,

@@ -382,7 +382,9 @@ def _list_corrections(root: Path) -> list[Sample]:
             continue
         label = "lesion" if int(meta.get("lesion_px") or 0) > 0 else "normal"
         group = meta.get("sop_instance_uid_sha256") or None
-        samples.append(Sample(meta_path.stem, image, [mask], label, group, "corrections", extra={"meta": meta}))
+        samples.append(
+            Sample(meta_path.stem, image, [mask], label, group, "corrections", extra={"meta": meta})
+        )
     return samples
 
 

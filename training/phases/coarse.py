@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from training.checkpoints import load_checkpoint, save_checkpoint
+from training.checkpoints import initial_coarse_state, load_checkpoint, save_checkpoint
 from training.config import CoarseTrainConfig
 from training.evaluate import image_record, summarize
 from training.modeling.losses import coarse_loss
@@ -202,7 +202,10 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed + fold)
         model = build_transunet(cfg.transunet)
-    if train_cfg.pretrained_npz is not None:
+    initial = initial_coarse_state(cfg)
+    if initial is not None:  # fine-tuning from a bundle (init_from)
+        model.load_state_dict(initial)
+    elif train_cfg.pretrained_npz is not None:
         load_vit_npz(model, train_cfg.pretrained_npz)
     model.to(ctx.device)
     optimizer = torch.optim.SGD(

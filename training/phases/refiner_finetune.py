@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.checkpoints import build_seeded_refiner, load_checkpoint, save_checkpoint
+from training.checkpoints import initial_refiner, load_checkpoint, save_checkpoint
 from training.data.transforms import refiner_input
 from training.evaluate import image_record, summarize
 from training.modeling.losses import quality_aware_loss
@@ -323,8 +323,9 @@ def trainable_parameters(refiner: Refiner) -> list[torch.nn.Parameter]:
 
 
 def load_phase2_refiner(ctx: RunContext) -> tuple[Refiner, bool]:
-    """The refiner with phase-2b weights if they exist (``True``), else the pretrained backbone."""
-    refiner = build_seeded_refiner(ctx.cfg)
+    """The refiner with phase-2b weights if they exist (``True``), else the one the run started
+    from (the pretrained backbone, or the ``init_from`` bundle's)."""
+    refiner = initial_refiner(ctx.cfg)
     best = ctx.output_dir / REFINER_DIR / "best.pt"
     trained = best.is_file()
     if trained:
@@ -343,7 +344,7 @@ def run_refiner_phase(ctx: RunContext) -> dict:
     fold = final_fold_of(ctx)
     ctx.emit("phase_start", phase=PHASE, extra={"fold": fold})
 
-    refiner = build_seeded_refiner(cfg)
+    refiner = initial_refiner(cfg)
     refiner.to(ctx.device)
     parameters = trainable_parameters(refiner)
 

@@ -101,6 +101,13 @@ class RunCreate(BaseModel):
         description="Epochs of every training phase whose section does not set its own.",
     )
     device: Device = Field(_TOP["device"].default, description=_TOP["device"].description)
+    init_model_id: int | None = Field(
+        None,
+        ge=1,
+        le=2**63 - 1,
+        description="Fine-tune: start from this registered model version's weights (see /api/models) "
+        "instead of from scratch; the run evaluates it on its test split too, for before/after.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, split and folds.")
     transunet: TransUNetOverrides | None = Field(
         None,
@@ -120,8 +127,11 @@ class RunCreate(BaseModel):
             raise ValueError("phases must not repeat")
         return phases
 
-    def training_values(self, *, output_dir: Path, cache_dir: Path) -> dict[str, Any]:
-        """The ``TrainingConfig`` input this request stands for (validate it with ``model_validate``)."""
+    def training_values(
+        self, *, output_dir: Path, cache_dir: Path, init_from: Path | None = None
+    ) -> dict[str, Any]:
+        """The ``TrainingConfig`` input this request stands for (validate it with ``model_validate``);
+        ``init_from`` is the bundle of ``init_model_id``, resolved by the caller."""
         given = self.model_dump(mode="json", exclude_unset=True)
         values: dict[str, Any] = {
             "config_name": self.config_name,
@@ -130,6 +140,8 @@ class RunCreate(BaseModel):
             "output_dir": str(output_dir),
             "cache_dir": str(cache_dir),
         }
+        if init_from is not None:
+            values["init_from"] = str(init_from)
         for section in SECTIONS:
             values[section] = dict(given.get(section) or {})
         data = values["data"]
@@ -147,13 +159,17 @@ class RunCreate(BaseModel):
         values["transunet"] = architecture
         return values
 
-    def to_training_config(self, *, output_dir: Path, cache_dir: Path) -> TrainingConfig:
+    def to_training_config(
+        self, *, output_dir: Path, cache_dir: Path, init_from: Path | None = None
+    ) -> TrainingConfig:
         """Merge into a full :class:`TrainingConfig` (raises ``pydantic.ValidationError``).
 
         ``model_validate`` (not the constructor) so that no ``ULTRAREFINER_*`` environment
         variable of the API process leaks into a stored run.
         """
-        return TrainingConfig.model_validate(self.training_values(output_dir=output_dir, cache_dir=cache_dir))
+        return TrainingConfig.model_validate(
+            self.training_values(output_dir=output_dir, cache_dir=cache_dir, init_from=init_from)
+        )
 
 
 def run_request_schema() -> dict[str, Any]:

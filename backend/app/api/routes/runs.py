@@ -101,6 +101,18 @@ def _check_paths(body: RunCreate, settings: Settings) -> None:
         raise _validation_error(errors)
 
 
+def _init_bundle_path(session: Session, model_id: int | None) -> Path | None:
+    """The bundle of the model version a fine-tuning run starts from (422 when it is unknown)."""
+    if model_id is None:
+        return None
+    version = crud.get_model_version(session, model_id)
+    if version is None or not Path(version.bundle_path).is_file():
+        what = "does not exist" if version is None else "has no bundle file"
+        error = {"type": "value_error", "loc": ("body", "init_model_id"), "input": model_id}
+        raise _validation_error([{**error, "msg": f"model version {model_id} {what}"}])
+    return Path(version.bundle_path)
+
+
 def _run_or_404(session: Session, settings: Settings, run_id: int) -> Run:
     """The run, with a dead worker's run reported as ``lost``; 404 when it does not exist."""
     run = crud.get_run(session, run_id)
@@ -137,9 +149,10 @@ def config_schema(_: AdminDep) -> dict[str, Any]:
 @router.post("/runs", status_code=status.HTTP_201_CREATED, response_model=RunRead, summary="Launch a run")
 def create_run(_: AdminDep, body: RunCreate, settings: SettingsDep, session: SessionDep) -> Run:
     _check_paths(body, settings)
+    init_from = _init_bundle_path(session, body.init_model_id)
     try:
         config = body.to_training_config(
-            output_dir=Path(settings.runs_dir) / "pending", cache_dir=settings.cache_dir
+            output_dir=Path(settings.runs_dir) / "pending", cache_dir=settings.cache_dir, init_from=init_from
         )
     except ValidationError as exc:
         raise _validation_error(_body_errors(exc)) from exc
