@@ -100,3 +100,16 @@ def test_one_epoch_curve_is_readable():
     figure = views.curves_figure(pd.DataFrame([{"epoch": 1, "value": 0.5, "series": "coarse"}]), "Dice", "d")
     axes = figure.axes[0]
     assert axes.get_xlim() == (0.5, 1.5) and list(axes.get_xticks()) == [1]
+
+
+def test_models_show_dice_before_and_after_fine_tuning():
+    metrics = {
+        "test": {"dice_coarse": 0.8, "dice_refined": 0.86},
+        "init_test": {"dice_coarse": 0.79, "dice_refined": 0.82},
+        "init_from": {"model_version": "compact-litemedsam-start"},
+    }
+    row = views.model_rows([{"id": 3, "name": "tuned", "metrics": metrics}])[0]
+    assert row[views.MODEL_COLUMNS.index("Fine-tuned: refined Dice before → after")] == (
+        "0.8200 → 0.8600 from compact-litemedsam-start"
+    )
+    assert views.fine_tuning_text({"test": {"dice_refined": 0.7}}) == ""
