@@ -86,9 +86,11 @@ def _check_paths(body: RunCreate, settings: Settings) -> None:
     if not root.is_dir():
         errors.append(_path_error(root_loc, root, "dataset root does not exist or is not a folder"))
     elif settings.datasets_root is not None:
-        allowed = Path(settings.datasets_root).expanduser().resolve()
-        if not root.resolve().is_relative_to(allowed):
-            errors.append(_path_error(root_loc, root, f"dataset root must lie under {allowed}"))
+        # Saved corrections are a dataset too, wherever their folder is.
+        allowed = [Path(settings.datasets_root).expanduser().resolve()]
+        allowed.append(Path(settings.corrections_dir).expanduser().resolve())
+        if not any(root.resolve().is_relative_to(folder) for folder in allowed):
+            errors.append(_path_error(root_loc, root, f"dataset root must lie under {allowed[0]}"))
     files = {
         ("data", "split_file"): (given.get("data") or {}).get("split_file"),
         ("refiner", "checkpoint"): (given.get("refiner") or {}).get("checkpoint"),
