@@ -10,8 +10,8 @@ so a correction does not re-encode the image (``embedding_cached`` in the answer
 Prompts: a click on the combined view adds a lesion point or a background point (the click mode
 picks which), or, in box mode, sets one corner and then the opposite corner of the box; dragging
 across the lesion in the box panel (``gradio-image-annotation``) draws the box directly. There
-is one box: a new one replaces it. Undo removes the last prompt, Clear removes them all (the prompts are
-then derived from the coarse mask again).
+is one box: a new one replaces it. Undo steps back through the prompt history; Clear removes every
+prompt (the prompts are then derived from the coarse mask again).
 """
 
 from __future__ import annotations
