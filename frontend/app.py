@@ -24,25 +24,20 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
-import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
 from frontend import compare as compare_tab
-from frontend import corrections_tab, models_tab, views
+from frontend import corrections_tab, models_tab, runs_tab, train_tab
 from frontend.client import BackendClient, BackendError
-from frontend.schema_form import PROMOTED, FieldSpec, FormError, collect_config, form_fields, sections
+from frontend.widgets import warn
 
 logger = logging.getLogger("ultrarefiner.ui")
 
@@ -56,42 +51,6 @@ CSS = """
 #train-errors { color: var(--error-text-color, #b91c1c); }
 .ur-small textarea { font-family: ui-monospace, monospace; font-size: 12px; }
 """
-
-
-class SelectionTracker:
-    """The run each browser session selected last (the most recent ``max_sessions`` sessions).
-
-    A periodic refresh carries the selection of the moment it started; when the user selects
-    another run meanwhile, the refresh's detail belongs to the old run and must not overwrite the
-    new run's detail. The selection handler records every selection here; the refresh does not
-    read the detail of a selection that is already stale, and drops a detail it read when
-    :meth:`is_stale` says its run stopped being the session's selection meanwhile.
-    """
-
-    def __init__(self, max_sessions: int = 1024) -> None:
-        self.max_sessions = max_sessions
-        self._latest: OrderedDict[str, str | None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _run(run_id: Any) -> str | None:
-        return None if run_id in (None, "") else str(run_id)
-
-    def remember(self, session: str | None, run_id: Any) -> None:
-        if not session:
-            return
-        with self._lock:
-            self._latest[session] = self._run(run_id)
-            self._latest.move_to_end(session)
-            while len(self._latest) > self.max_sessions:
-                self._latest.popitem(last=False)
-
-    def is_stale(self, session: str | None, run_id: Any) -> bool:
-        """True when ``session`` has since selected a run other than ``run_id``."""
-        with self._lock:
-            if not session or session not in self._latest:
-                return False
-            return self._latest[session] != self._run(run_id)
 
 
 def theme() -> gr.themes.Base:
@@ -123,61 +82,6 @@ def _export_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix="masks-", dir=_EXPORT_ROOT))
 
 
-def _md_list(lines: list[str]) -> str:
-    return "\n".join(f"- {line}" for line in lines)
-
-
-def _warn(message: str) -> None:
-    try:
-        gr.Warning(message)
-    except Exception:  # outside an event (unit tests): nothing to show the toast to
-        pass
-
-
-def _signature(*parts: Any) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _field_component(spec: FieldSpec, label: str):
-    """One Gradio input for one schema leaf; ``key`` keeps the user's value across re-renders."""
-    common = {
-        "label": label,
-        "info": spec.info() or None,
-        "key": f"cfg-{spec.key}",
-        "elem_id": "cfg-" + spec.key.replace(".", "-"),
-        "interactive": True,  # inside gr.render, Gradio cannot infer it from the events
-    }
-    value = spec.widget_value()
-    if spec.kind == "choice":
-        if len(spec.choices) <= 4 and value is not None:
-            return gr.Radio(choices=list(spec.choices), value=value, **common)
-        return gr.Dropdown(choices=list(spec.choices), value=value, **common)
-    if spec.kind == "multi":
-        return gr.CheckboxGroup(choices=spec.choices, value=value, **common)
-    if spec.kind == "bool":
-        return gr.Checkbox(value=value, **common)
-    if spec.kind == "int":
-        return gr.Number(value=value, precision=0, **common)
-    if spec.kind == "float":
-        return gr.Number(value=value, **common)
-    placeholder = {
-        "int_list": "comma-separated whole numbers, e.g. 0, 1",
-        "float_list": "comma-separated numbers",
-        "json": "JSON",
-    }.get(spec.kind, "empty = default" if spec.nullable else None)
-    return gr.Textbox(value=value, placeholder=placeholder, **common)
-
-
-def _promoted_label(spec: FieldSpec) -> str:
-    if spec.key == "epochs":
-        return "Epochs (every phase)"
-    if spec.path[-1] == "config_name":
-        return "Configuration"
-    if spec.path[-1] == "root":
-        return "Dataset root"
-    return spec.label
-
-
 def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.Blocks:
     """The admin UI talking to the backend at ``api_url`` (default: ``$API_URL``)."""
     api_url = (api_url or os.environ.get("API_URL") or DEFAULT_API_URL).rstrip("/")
@@ -195,8 +99,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
     ) as demo:
         token_state = gr.State(None)
         schema_state = gr.State(None)
-        runs_sig_state = gr.State(None)
-        detail_sig_state = gr.State(None)
 
         gr.Markdown(
             f"# UltraRefiner Studio · admin\nBreast-ultrasound lesion segmentation: coarse TransUNet "
@@ -216,13 +118,13 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                         return {status: gr.skip()} if isinstance(result, dict) and not result else result
                     except BackendError as exc:
                         if toast:
-                            _warn(exc.message)
+                            warn(exc.message)
                         return {status: f"⚠ {exc.message}"}
                     except Exception as exc:  # never a stack trace in the browser
                         logger.exception("UI handler %s failed", fn.__name__)
                         message = f"Unexpected error in the UI ({type(exc).__name__}); see the UI's log."
                         if toast:
-                            _warn(message)
+                            warn(message)
                         return {status: f"⚠ {message}"}
 
                 return wrapper
@@ -247,181 +149,22 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
             with gr.Tabs(elem_id="tabs") as tabs:
                 # ------------------------------------------------------------ train
                 with gr.Tab("Train", id="train", elem_id="tab-train"):
-                    gr.Markdown(
-                        "Fill in the run. Every hyper-parameter shows its default and help; only the "
-                        "settings you change are sent, the backend fills in the rest."
+                    train_tab.build(
+                        client_for,
+                        token_state,
+                        schema_state,
+                        status,
+                        guarded,
+                        after_launch=lambda client, run_id: {
+                            **runs.launched(client, run_id),
+                            tabs: gr.Tabs(selected="runs"),
+                        },
+                        launch_outputs=lambda: [runs.table, runs.sig_state, runs.select, tabs],
                     )
-
-                    # The buttons and the error list sit above the long form, in view without scrolling.
-                    with gr.Row():
-                        preview_btn = gr.Button("Preview request", elem_id="preview-btn")
-                        launch_btn = gr.Button("Launch run", variant="primary", elem_id="launch-btn")
-                    train_errors = gr.Markdown("", elem_id="train-errors")
-                    preview = gr.Code(
-                        label="Request body (POST /api/runs)",
-                        language="json",
-                        visible=False,
-                        elem_id="preview-code",
-                    )
-
-                    @gr.render(inputs=[schema_state])
-                    def render_form(schema: dict | None):
-                        if not schema:
-                            gr.Markdown("*Sign in to load the training form.*")
-                            return
-                        fields = form_fields(schema)
-                        ordered: list[FieldSpec] = []
-                        components = []
-                        promoted = sorted(
-                            (f for f in fields if f.promoted),
-                            key=lambda f: (
-                                PROMOTED.index(f.path[-1]) if f.path[-1] in PROMOTED else len(PROMOTED),
-                                f.path,
-                            ),
-                        )
-                        with gr.Group():
-                            for start in range(0, len(promoted), 4):
-                                with gr.Row(equal_height=True):
-                                    for spec in promoted[start : start + 4]:
-                                        components.append(_field_component(spec, _promoted_label(spec)))
-                                        ordered.append(spec)
-                        for name, title, help_text, specs in sections(fields, schema):
-                            with gr.Accordion(title, open=False, elem_id=f"section-{name}"):
-                                if help_text and help_text.rstrip(".") not in title:
-                                    gr.Markdown(help_text)
-                                if any(spec.presets for spec in specs):
-                                    gr.Markdown(
-                                        "*These follow the chosen configuration (compact or full); "
-                                        "only values you change are sent.*"
-                                    )
-                                for start in range(0, len(specs), 3):
-                                    with gr.Row(equal_height=True):
-                                        for spec in specs[start : start + 3]:
-                                            components.append(_field_component(spec, spec.label))
-                                            ordered.append(spec)
-                        keys = [spec.key for spec in ordered]
-                        preset_fields = [
-                            (spec, comp)
-                            for spec, comp in zip(ordered, components, strict=True)
-                            if spec.presets
-                        ]
-                        if "config_name" in keys and preset_fields:
-
-                            def follow_preset(name):
-                                return [
-                                    gr.update(value=spec.widget_value(spec.default_for(name)))
-                                    for spec, _ in preset_fields
-                                ]
-
-                            components[keys.index("config_name")].input(
-                                follow_preset,
-                                inputs=[components[keys.index("config_name")]],
-                                outputs=[comp for _, comp in preset_fields],
-                                show_progress="hidden",
-                            )
-
-                        def read_body(values: tuple) -> dict:
-                            return collect_config(ordered, list(values))
-
-                        @guarded()
-                        def do_preview(*values):
-                            try:
-                                body = read_body(values)
-                            except FormError as exc:
-                                return {train_errors: _md_list(exc.errors), preview: gr.update(visible=False)}
-                            return {
-                                train_errors: "",
-                                preview: gr.update(value=json.dumps(body, indent=2), visible=True),
-                            }
-
-                        @guarded()
-                        def do_launch(token, *values):
-                            try:
-                                body = read_body(values)
-                            except FormError as exc:
-                                _warn("Some values cannot be read; see the list under the form")
-                                return {train_errors: _md_list(exc.errors), status: "⚠ Fix the form"}
-                            client = client_for(token)
-                            try:
-                                run = client.create_run(body)
-                            except BackendError as exc:
-                                if exc.status_code == 422:
-                                    _warn(
-                                        "The backend rejected the configuration; see the list under the form"
-                                    )
-                                    lines = exc.errors or [exc.message]
-                                    return {
-                                        train_errors: "**The backend rejected the configuration:**\n\n"
-                                        + _md_list(lines),
-                                        status: f"⚠ {exc.message}",
-                                    }
-                                raise
-                            run_id = str(run.get("id")) if isinstance(run, dict) else ""
-                            runs = client.list_runs()
-                            gr.Info(f"Run #{run_id} launched")
-                            return {
-                                train_errors: "",
-                                status: f"✓ Run #{run_id} launched.",
-                                runs_table: views.run_rows(runs),
-                                runs_sig_state: None,
-                                run_select: gr.update(choices=views.run_choices(runs), value=run_id),
-                                tabs: gr.Tabs(selected="runs"),
-                            }
-
-                        preview_btn.click(
-                            do_preview, inputs=components, outputs=[train_errors, preview, status]
-                        )
-                        launch_btn.click(
-                            do_launch,
-                            inputs=[token_state, *components],
-                            outputs=[train_errors, status, runs_table, runs_sig_state, run_select, tabs],
-                        )
 
                 # ------------------------------------------------------------ runs
                 with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
-                    with gr.Row():
-                        gr.Markdown("Runs refresh every 2 s. Click a row (or pick a run) for its details.")
-                        refresh_runs_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-runs")
-                    runs_table = gr.Dataframe(
-                        headers=views.RUN_COLUMNS,
-                        value=[],
-                        interactive=False,
-                        elem_id="runs-table",
-                        label="Runs",
-                        max_height=320,
-                    )
-                    with gr.Row():
-                        run_select = gr.Dropdown(
-                            label="Selected run", choices=[], value=None, elem_id="run-select", scale=4
-                        )
-                        cancel_btn = gr.Button("Cancel run", variant="stop", elem_id="cancel-btn", scale=1)
-                        resume_btn = gr.Button("Resume run", elem_id="resume-btn", scale=1)
-                    run_summary = gr.Markdown("*No run selected.*", elem_id="run-summary")
-                    with gr.Row():
-                        loss_plot = gr.Plot(label="Loss per epoch", elem_id="loss-plot")
-                        dice_plot = gr.Plot(label="Validation Dice per epoch", elem_id="dice-plot")
-                    folds_table = gr.Dataframe(
-                        headers=views.FOLD_COLUMNS,
-                        value=[],
-                        interactive=False,
-                        label="Per fold: baseline (coarse) vs refined Dice on the fold's validation images",
-                        elem_id="folds-table",
-                    )
-                    eval_table = gr.Dataframe(
-                        headers=views.EVAL_COLUMNS,
-                        value=[],
-                        interactive=False,
-                        label="Evaluations",
-                        elem_id="eval-table",
-                    )
-                    run_logs = gr.Textbox(
-                        label="Logs / error",
-                        lines=8,
-                        max_lines=20,
-                        interactive=False,
-                        elem_id="run-logs",
-                        elem_classes=["ur-small"],
-                    )
+                    runs = runs_tab.build(client_for, token_state, timer, status, guarded)
 
                 # ------------------------------------------------------------ compare
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
@@ -432,44 +175,6 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 models = models_tab.build(client_for, token_state, status, guarded)
 
         # ==================================================================== handlers
-        detail_outputs = [
-            run_summary,
-            loss_plot,
-            dice_plot,
-            folds_table,
-            eval_table,
-            run_logs,
-            detail_sig_state,
-        ]
-
-        def detail_values(client: BackendClient, run_id: str, last_sig: str | None, force: bool) -> dict:
-            run = client.get_run(run_id)
-            run_sig = _signature(run)
-            if not force and run_sig == last_sig:
-                return {}
-            metrics = client.run_metrics(run_id)
-            losses, dices = views.epoch_frames(metrics)
-            return {
-                run_summary: views.run_summary_md(run),
-                loss_plot: views.curves_figure(losses, "Loss per epoch", "loss"),
-                dice_plot: views.curves_figure(dices, "Validation Dice per epoch", "Dice"),
-                folds_table: views.fold_rows(metrics, run),
-                eval_table: views.eval_rows(metrics),
-                run_logs: views.logs_text(run, metrics),
-                detail_sig_state: run_sig,
-            }
-
-        def empty_detail() -> dict:
-            return {
-                run_summary: "*No run selected.*",
-                loss_plot: None,
-                dice_plot: None,
-                folds_table: [],
-                eval_table: [],
-                run_logs: "",
-                detail_sig_state: None,
-            }
-
         @guarded()
         def sign_in(token_text: str):
             token = (token_text or "").strip()
@@ -487,7 +192,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 whoami: f"Signed in as admin on `{api_url}`.",
                 timer: gr.Timer(active=True),
                 status: "✓ Signed in.",
-                runs_sig_state: None,
+                runs.sig_state: None,
             }
 
         signin_outputs = [
@@ -499,7 +204,7 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
             whoami,
             timer,
             status,
-            runs_sig_state,
+            runs.sig_state,
         ]
         signin_btn.click(sign_in, inputs=[token_box], outputs=signin_outputs)
         token_box.submit(sign_in, inputs=[token_box], outputs=signin_outputs)
@@ -512,15 +217,12 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 main_panel: gr.Column(visible=False),
                 timer: gr.Timer(active=False),
                 status: "Signed out.",
-                runs_table: [],
-                run_select: gr.update(choices=[], value=None),
-                runs_sig_state: None,
+                **runs.signed_out(),
                 models.table: [],
                 models.select: gr.update(choices=[], value=None),
                 corrections.table: [],
                 corrections.select: gr.update(choices=[], value=None),
                 **compare_tab.signed_out(compare),
-                **empty_detail(),
             }
 
         signout_btn.click(
@@ -532,145 +234,17 @@ def build_app(api_url: str | None = None, *, api_key: str | None = None) -> gr.B
                 main_panel,
                 timer,
                 status,
-                runs_table,
-                run_select,
-                runs_sig_state,
+                runs.table,
+                runs.select,
+                runs.sig_state,
+                *runs.detail_outputs,
                 models.table,
                 models.select,
                 corrections.table,
                 corrections.select,
                 *compare.reset_outputs(),
-                *detail_outputs,
             ],
         )
-
-        # -- runs --------------------------------------------------------------------------
-        def refresh_runs(
-            token, selected, runs_sig, detail_sig, force: bool, with_detail: bool = True
-        ) -> dict:
-            client = client_for(token)
-            # The selected run's detail is read before the list, so the table is never older than
-            # the detail shown beside it (a run that just succeeded is "succeeded" in both).
-            detail = None
-            if selected and with_detail:
-                try:
-                    detail = detail_values(client, str(selected), detail_sig, force)
-                except BackendError as error:
-                    if error.status_code != 404:  # a run gone from the store: the list decides below
-                        raise
-            runs = client.list_runs()
-            out: dict = {}
-            sig = _signature(runs)
-            if force or sig != runs_sig:
-                choices = views.run_choices(runs)
-                ids = [value for _, value in choices]
-                reselect = selected not in ids
-                if reselect:
-                    selected = ids[0] if ids else None
-                    detail = (
-                        detail_values(client, str(selected), detail_sig, force)
-                        if selected and with_detail
-                        else None
-                    )
-                # A periodic refresh only sets the selection when it has none (or a vanished run):
-                # its inputs may predate a selection made meanwhile (e.g. a launch), which it must
-                # not undo.
-                select = (
-                    gr.update(choices=choices, value=selected)
-                    if force or reselect
-                    else gr.update(choices=choices)
-                )
-                out.update({runs_table: views.run_rows(runs), run_select: select, runs_sig_state: sig})
-            if detail:
-                out.update(detail)
-            if force:
-                out[status] = ""
-            return out
-
-        runs_outputs = [runs_table, run_select, runs_sig_state, status, *detail_outputs]
-
-        selections = SelectionTracker()
-
-        @guarded(toast=False)
-        def on_tick(token, selected, runs_sig, detail_sig, request: gr.Request):
-            if not token:
-                return {}
-            session = getattr(request, "session_hash", None)
-            # A tick queued before the user selected another run carries the old selection: it
-            # refreshes the list only (no request for the old run's detail) ...
-            fresh = not selections.is_stale(session, selected)
-            out = refresh_runs(token, selected, runs_sig, detail_sig, force=False, with_detail=fresh)
-            if selections.is_stale(session, selected):
-                for component in detail_outputs:  # ... and drops a detail read while the selection changed
-                    out.pop(component, None)
-            return out
-
-        timer.tick(
-            on_tick,
-            inputs=[token_state, run_select, runs_sig_state, detail_sig_state],
-            outputs=runs_outputs,
-            show_progress="hidden",
-            queue=True,
-            trigger_mode="always_last",
-        )
-
-        @guarded()
-        def on_refresh(token, selected, runs_sig, detail_sig):
-            return refresh_runs(token, selected, runs_sig, detail_sig, force=True)
-
-        refresh_runs_btn.click(
-            on_refresh,
-            inputs=[token_state, run_select, runs_sig_state, detail_sig_state],
-            outputs=runs_outputs,
-        )
-
-        def on_row_select(evt: gr.SelectData):
-            row = evt.row_value if isinstance(evt.row_value, list) else None
-            if not row or row[0] in (None, ""):
-                return gr.skip()
-            return gr.update(value=str(row[0]))
-
-        runs_table.select(on_row_select, inputs=None, outputs=[run_select], show_progress="hidden")
-
-        @guarded()
-        def on_select_run(token, run_id, request: gr.Request):
-            selections.remember(getattr(request, "session_hash", None), run_id)
-            if not run_id:
-                return empty_detail()
-            return detail_values(client_for(token), str(run_id), None, force=True)
-
-        run_select.change(on_select_run, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
-
-        @guarded()
-        def on_cancel(token, run_id):
-            if not run_id:
-                raise BackendError("Select a run to cancel")
-            client = client_for(token)
-            client.cancel_run(str(run_id))
-            gr.Info(f"Cancellation of run #{run_id} requested")
-            out = detail_values(client, str(run_id), None, force=True)
-            out[status] = f"■ Cancellation of run #{run_id} requested."
-            return out
-
-        cancel_btn.click(on_cancel, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
-
-        @guarded()
-        def on_resume(token, run_id):
-            if not run_id:
-                raise BackendError("Select a run to resume")
-            client = client_for(token)
-            run = client.get_run(str(run_id))
-            if str(run.get("status")) not in views.RESUMABLE:
-                raise BackendError(
-                    f"Run #{run_id} is {run.get('status')}: only cancelled, lost or failed runs resume"
-                )
-            client.resume_run(str(run_id))
-            gr.Info(f"Run #{run_id} resumes from its last checkpoint")
-            out = detail_values(client, str(run_id), None, force=True)
-            out[status] = f"▶ Run #{run_id} queued to resume from its last checkpoint."
-            return out
-
-        resume_btn.click(on_resume, inputs=[token_state, run_select], outputs=[*detail_outputs, status])
 
     return demo
 

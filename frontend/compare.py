@@ -16,7 +16,6 @@ prompt (the prompts are then derived from the coarse mask again).
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 from collections.abc import Callable
@@ -537,7 +536,6 @@ def build(
 
     def correcting(action: Callable[..., CompareState], message: Callable[[CompareState], str]):
         @guarded()
-        @functools.wraps(action)
         def handler(token, current, *args):
             if current is None:
                 raise BackendError("Segment an image first")
@@ -545,6 +543,7 @@ def build(
             new_state = action(client_for(token), current, *extra)
             return shown(new_state, (t0, t1, t2, t3), message(new_state))
 
+        handler.__name__ = f"on_{getattr(action, '__name__', 'correction')}"
         return handler
 
     def on_click(token, current, mode, t0, t1, t2, t3, evt: gr.SelectData):

@@ -395,6 +395,15 @@ def form_fields(schema: dict) -> list[FieldSpec]:
         }
         if preset_name in spec.presets:
             spec.default, spec.has_default = spec.presets[preset_name], True
+    if schema.get("x-default-root-exists") is False:
+        # The default dataset folder is not on the server: an empty field with a hint instead.
+        for spec in out:
+            if spec.path[-1] == "root":
+                spec.default, spec.has_default = None, False
+                spec.help = (spec.help.rstrip(".") + ". " if spec.help else "") + (
+                    "No dataset at the default path on this server: enter the folder of your copy "
+                    "(e.g. BUSI's, or the corrections folder shown in the Corrections tab)."
+                )
     return [spec for spec in out if spec.key not in hidden]
 
 

@@ -3,7 +3,7 @@ overwriting the detail of a run selected meanwhile."""
 
 from __future__ import annotations
 
-from frontend.app import SelectionTracker
+from frontend.runs_tab import SelectionTracker
 
 
 def test_a_refresh_for_the_previous_selection_is_stale():

@@ -113,3 +113,14 @@ def test_models_show_dice_before_and_after_fine_tuning():
         "0.8200 → 0.8600 from compact-litemedsam-start"
     )
     assert views.fine_tuning_text({"test": {"dice_refined": 0.7}}) == ""
+
+
+def test_train_form_leaves_a_missing_default_root_empty_with_a_hint():
+    from backend.app.schemas.runs import run_request_schema
+    from frontend.schema_form import form_fields
+
+    schema = run_request_schema()
+    assert isinstance(schema["x-default-root-exists"], bool)
+    schema["x-default-root-exists"] = False
+    (root,) = [spec for spec in form_fields(schema) if spec.path[-1] == "root"]
+    assert root.widget_value() == "" and "No dataset at the default path" in root.help

@@ -173,8 +173,12 @@ class RunCreate(BaseModel):
 
 
 def run_request_schema() -> dict[str, Any]:
-    """JSON schema of :class:`RunCreate` for the admin UI's form."""
-    return RunCreate.model_json_schema()
+    """JSON schema of :class:`RunCreate` for the admin UI's form; ``x-default-root-exists`` says
+    whether the default dataset root is a folder on this server (else the form leaves it empty,
+    with a hint, rather than offer a path that a launch would refuse)."""
+    schema = RunCreate.model_json_schema()
+    schema["x-default-root-exists"] = Path(DataConfig.model_fields["root"].default).expanduser().is_dir()
+    return schema
 
 
 class _ORM(BaseModel):
