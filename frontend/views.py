@@ -105,24 +105,16 @@ def fmt_dice(value: Any, signed: bool = False) -> str:
 
 
 def progress_percent(run: JSON) -> float:
+    """``RunSummary.progress`` (0..1) as a percentage."""
     value = run.get("progress")
-    if value is None:
-        value = run.get("progress_pct")
-        return round(float(value), 1) if value is not None else 0.0
-    value = float(value)
-    if value <= 1.0:
-        value *= 100.0
-    return round(value, 1)
+    return round(float(value) * 100.0, 1) if isinstance(value, int | float) else 0.0
 
 
 def eta_text(run: JSON) -> str:
-    if str(run.get("status")) in TERMINAL:
+    """``RunSummary.eta_s`` as a duration (nothing once the run ended)."""
+    if str(run.get("status")) in TERMINAL or run.get("eta_s") is None:
         return ""
-    for key in ("eta_s", "eta_seconds", "eta"):
-        if run.get(key) is not None:
-            text = fmt_duration(run[key])
-            return text or str(run[key])
-    return ""
+    return fmt_duration(run["eta_s"]) or str(run["eta_s"])
 
 
 def epoch_text(run: JSON) -> str:
@@ -223,7 +215,7 @@ def _series_name(row: JSON) -> str:
 
 def epoch_frames(metrics: JSON) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(loss frame, Dice frame), each with columns ``epoch``, ``value``, ``series``."""
-    rows = metrics.get("epochs") or metrics.get("epoch_metrics") or []
+    rows = metrics.get("epochs") or []
     losses, dices = [], []
     for row in rows:
         if not isinstance(row, dict) or row.get("epoch") is None:
@@ -233,7 +225,7 @@ def epoch_frames(metrics: JSON) -> tuple[pd.DataFrame, pd.DataFrame]:
         for name, value in _flatten_losses(row).items():
             label = name if name in ("total", "loss") else name
             losses.append({"epoch": epoch, "value": value, "series": f"{series} · {label}"})
-        dice = row.get("dice", row.get("val_dice"))
+        dice = row.get("dice")
         if isinstance(dice, int | float):
             dices.append({"epoch": epoch, "value": float(dice), "series": series})
     columns = ["epoch", "value", "series"]
@@ -399,7 +391,7 @@ def metric_block(metrics: JSON) -> JSON:
 
 
 def model_version_name(model: JSON) -> str:
-    for key in ("model_version", "version", "name"):
+    for key in ("name", "model_version"):
         if model.get(key):
             return str(model[key])
     path = str(model.get("bundle_path") or "")

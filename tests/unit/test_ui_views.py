@@ -124,3 +124,9 @@ def test_train_form_leaves_a_missing_default_root_empty_with_a_hint():
     schema["x-default-root-exists"] = False
     (root,) = [spec for spec in form_fields(schema) if spec.path[-1] == "root"]
     assert root.widget_value() == "" and "No dataset at the default path" in root.help
+
+
+def test_run_progress_and_eta_read_the_backend_fields():
+    assert views.progress_percent({"progress": 0.4567}) == 45.7
+    assert views.eta_text({"status": "running", "eta_s": 125}) == views.fmt_duration(125) != ""
+    assert views.eta_text({"status": "succeeded", "eta_s": 5}) == ""
