@@ -119,11 +119,15 @@ def build(
                 label="Model version", choices=[], value=None, elem_id="model-select", scale=4
             )
             activate_btn = gr.Button("Activate", variant="primary", elem_id="activate-btn", scale=1)
-        confirm_md = gr.Markdown("", visible=False, elem_id="activate-warning")
-        with gr.Row(visible=False) as confirm_row:
-            confirm_btn = gr.Button("Confirm activation", variant="stop", elem_id="confirm-activate-btn")
-            cancel_btn = gr.Button("Keep the current model", elem_id="cancel-activate-btn")
-    outputs = [table, select, confirm_md, confirm_row, status]
+        confirm_md = gr.Markdown("", elem_id="activate-warning")
+        # Always in the page (enabled only while a confirmation is pending): no element that
+        # appears and disappears under the user's pointer.
+        with gr.Row():
+            confirm_btn = gr.Button(
+                "Confirm activation", variant="stop", interactive=False, elem_id="confirm-activate-btn"
+            )
+            cancel_btn = gr.Button("Keep the current model", interactive=False, elem_id="cancel-activate-btn")
+    outputs = [table, select, confirm_md, confirm_btn, cancel_btn, status]
 
     def listed(client: BackendClient, selected: str | None = None) -> dict:
         listing = client.list_models_page()
@@ -136,7 +140,11 @@ def build(
         return {table: rows, select: gr.update(choices=choices, value=selected)}
 
     def hide_confirmation() -> dict:
-        return {confirm_md: gr.Markdown("", visible=False), confirm_row: gr.Row(visible=False)}
+        return {
+            confirm_md: "",
+            confirm_btn: gr.Button(interactive=False),
+            cancel_btn: gr.Button(interactive=False),
+        }
 
     @guarded()
     def on_refresh(token, selected):
@@ -150,8 +158,9 @@ def build(
         decision = request_activation(client, model_id, confirmed=confirmed)
         if not decision.done:
             return {
-                confirm_md: gr.Markdown(f"⚠ {decision.message}", visible=True),
-                confirm_row: gr.Row(visible=True),
+                confirm_md: f"⚠ {decision.message}",
+                confirm_btn: gr.Button(interactive=True),
+                cancel_btn: gr.Button(interactive=True),
                 status: "Confirmation needed: see the Models tab.",
             }
         gr.Info(decision.message.removeprefix("✓ "))

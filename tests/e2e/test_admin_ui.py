@@ -326,9 +326,9 @@ def test_admin_ui_end_to_end(stack, page):
     page.click("#activate-btn")
     deadline = time.monotonic() + 180
     while "is now active" not in page.locator("#status").inner_text():
-        if page.locator("#confirm-activate-btn").is_visible():
-            assert "lower recorded refined Dice" in page.locator("#activate-warning").inner_text()
-            page.click("#confirm-activate-btn")
+        if "lower recorded refined Dice" in page.locator("#activate-warning").inner_text():
+            page.locator("#confirm-activate-btn:not([disabled])").click()
+            _wait_text(page, "#status", "is now active", timeout=180)
         assert time.monotonic() < deadline, "the run's model was not activated"
         time.sleep(0.5)
     _wait_text(page, "#models-table", "active", timeout=30)

@@ -300,3 +300,48 @@ def test_save_a_corrected_mask_as_ground_truth_then_view_and_delete_it(page, sta
     page.click("#delete-correction-btn")
     _wait_text(page, "#corrections-info", "0 saved correction", timeout=60)
     assert not list((stack.root / "corrections").rglob("*.png"))
+
+
+def test_models_confirm_a_worse_model_then_roll_back_to_the_shipped_one(page, stack, tmp_path):
+    import re
+
+    import httpx
+
+    from backend.app.db import crud
+    from backend.app.db.session import init_db, session_scope
+    from training.checkpoints import build_untrained_bundle, save_bundle
+
+    database = stack.env["DATABASE_URL"]
+    bundle = stack.root / "worse.pt"
+    save_bundle(bundle, build_untrained_bundle())
+    from backend.app.core.settings import Settings
+
+    settings = Settings(database_url=database, admin_token=TOKEN)
+    init_db(settings)
+    with session_scope(settings) as session:
+        worse = crud.register_model_version(
+            session,
+            bundle_path=bundle,
+            sha256=crud.file_sha256(bundle),
+            metrics={"model_version": "worse-model", "test": {"dice_coarse": 0.2, "dice_refined": 0.25}},
+        ).id
+
+    page.get_by_role("tab", name="Models").click()
+    _wait_text(page, "#models-table", "worse-model", timeout=60)
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name=re.compile(rf"^#{worse} ")).click()
+    page.click("#activate-btn")
+    _wait_text(page, "#activate-warning", "lower recorded refined Dice (0.250)", timeout=60)
+    assert httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_source"] == "default"
+    page.locator("#confirm-activate-btn:not([disabled])").click()
+    _wait_text(page, "#status", "is now active", timeout=180)
+    assert httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_version"] != "worse-model"
+    _wait_text(page, "#models-table", "✓ active", timeout=30)
+
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name=re.compile(r"shipped|^#1 ")).first.click()
+    page.click("#activate-btn")
+    _wait_text(page, "#status", "is now active", timeout=180)
+    _wait_text(page, "#models-table", "active · shipped default", timeout=30)
+    ready = httpx.get(f"{stack.api_url}/ready", timeout=10).json()
+    assert ready["model_version"].startswith("compact-") and ready["untrained"] is False
