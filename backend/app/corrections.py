@@ -89,7 +89,8 @@ def _mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (flushed to disk); returns its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,11 +98,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(name, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(name)
         raise
+    return Path(name)
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,11 @@ def save_correction(
 ) -> Correction:
     """Store ``decoded`` with ``mask`` (files, then the row; see the module doc) and return the row
     (not committed). :class:`DuplicateCorrection` when the image is saved already and not
-    ``replace``."""
+    ``replace``.
+
+    Every file is first written to a temporary name; the row is flushed; only then are the files
+    renamed into place, the meta file last. A failure before the renames (a full disk, a
+    concurrent save of the same image) leaves the folder as it was."""
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"mask_source must be one of {', '.join(MASK_SOURCES)}")
     if mask.shape != (decoded.height, decoded.width):
@@ -179,17 +184,14 @@ def save_correction(
         "lesion_px": int(mask.sum()),
         "sop_instance_uid_sha256": uid_hash,
     }
-    written = []
+    contents = [(files.image, to_display_png(decoded.pixels)), (files.mask, _mask_png(mask))]
+    if keep_dicom and decoded.kind == "dicom" and source_bytes is not None:
+        contents.append((files.dicom, source_bytes))
+    contents.append((files.meta, json.dumps(meta, indent=1).encode()))  # last: completes the pair
+    temps: list[tuple[Path, Path]] = []
     try:
-        _write_atomic(files.image, to_display_png(decoded.pixels))
-        written.append(files.image)
-        _write_atomic(files.mask, _mask_png(mask))
-        written.append(files.mask)
-        if keep_dicom and decoded.kind == "dicom" and source_bytes is not None:
-            _write_atomic(files.dicom, source_bytes)
-            written.append(files.dicom)
-        _write_atomic(files.meta, json.dumps(meta, indent=1).encode())
-        written.append(files.meta)
+        for final, data in contents:
+            temps.append((_write_temp(final, data), final))
         row = existing or Correction(image_key=key)
         row.source_kind = decoded.kind
         row.width, row.height, row.frame = decoded.width, decoded.height, decoded.frame
@@ -202,12 +204,14 @@ def save_correction(
         row.updated_at = utcnow()
         if existing is None:
             session.add(row)
-        session.flush()
+        session.flush()  # a concurrent save of the same image fails here, before any file moved
+        for temp, final in temps:
+            os.replace(temp, final)
         return row
-    except BaseException:
-        if existing is None:  # a new save: leave nothing behind (a replacement keeps the new files)
-            files.remove()
-        raise
+    finally:
+        for temp, _ in temps:  # whatever was not moved into place
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
 
 
 def delete_correction(session: Session, root: Path, correction: Correction) -> None:

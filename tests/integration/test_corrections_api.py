@@ -153,14 +153,14 @@ def test_a_failure_mid_save_leaves_no_half_pair(settings, monkeypatch):
     init_db(settings)
     decoded = decode_image(IMAGE.read_bytes())
     mask = store.decode_mask(MASK.read_bytes(), (decoded.height, decoded.width))
-    real_write = store._write_atomic
+    real_write = store._write_temp
 
     def fail_on_meta(path, data):
         if path.parent.name == "meta":
             raise OSError("disk full")
-        real_write(path, data)
+        return real_write(path, data)
 
-    monkeypatch.setattr(store, "_write_atomic", fail_on_meta)
+    monkeypatch.setattr(store, "_write_temp", fail_on_meta)
     with pytest.raises(OSError), session_scope(settings) as session:
         store.save_correction(
             session,
@@ -201,3 +201,22 @@ def test_saved_corrections_are_the_corrections_dataset(client, settings):
     # A half-written pair (no meta file yet) is not a sample.
     next(settings.corrections_dir.glob("meta/*.json")).unlink()
     assert len(list_samples("corrections", settings.corrections_dir)) == 4
+
+
+def test_a_failed_replacement_keeps_the_saved_pair(client, settings, monkeypatch):
+    assert _save(client, IMAGE.read_bytes(), MASK.read_bytes()).status_code == 201
+    before = {p: p.read_bytes() for p in settings.corrections_dir.rglob("*") if p.is_file()}
+    real_write = store._write_temp
+
+    def fail_on_meta(path, data):
+        if path.parent.name == "meta":
+            raise OSError("disk full")
+        return real_write(path, data)
+
+    monkeypatch.setattr(store, "_write_temp", fail_on_meta)
+    empty = _png(np.zeros((585, 683), np.uint8))
+    response = _save(client, IMAGE.read_bytes(), empty, replace="true")
+    assert response.status_code == 507 and "nothing was saved" in response.json()["detail"]
+    assert client.get("/api/corrections", headers=AUTH).json()["items"][0]["lesion_px"] > 0
+    after = {p: p.read_bytes() for p in settings.corrections_dir.rglob("*") if p.is_file()}
+    assert after == before  # the old image, mask and meta, nothing half-replaced, no temp files

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 
 from backend.app import corrections as store
 from backend.app.api.deps import (
@@ -78,6 +79,18 @@ def _prompts(raw: str | None) -> dict:
     return value
 
 
+def _decode(data: bytes, frame: int | None, max_pixels: int):
+    try:
+        return decode_image(data, frame=frame, max_pixels=max_pixels)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError("the image is too large to decode in memory", 413) from None
+    except Exception as error:  # an unexpected decoder failure is still a bad input, never a 500
+        log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
+        raise ImageError(f"the image could not be decoded ({type(error).__name__})") from None
+
+
 def _correction_or_404(session, correction_id: int) -> Correction:
     row = session.get(Correction, correction_id)
     if row is None:
@@ -95,6 +108,7 @@ def _correction_or_404(session, correction_id: int) -> Correction:
         413: {"description": "Upload above the limits."},
         415: {"description": "Not an image or DICOM this server decodes."},
         422: {"description": "Mask of another size, not binary, or a bad field."},
+        507: {"description": "The corrections folder could not be written; nothing was saved."},
     },
     openapi_extra={"requestBody": _SAVE_BODY},
 )
@@ -109,9 +123,7 @@ async def save_correction(_: AdminDep, request: Request, settings: SettingsDep, 
         replace = (form_field(parts, "replace") or "").strip().lower() in ("1", "true", "yes")
         model_version = form_field(parts, "model_version")
         prompts = _prompts(form_field(parts, "prompts"))
-        decoded = await run_in_threadpool(
-            decode_image, image_bytes, frame=frame, max_pixels=settings.max_image_pixels
-        )
+        decoded = await run_in_threadpool(_decode, image_bytes, frame, settings.max_image_pixels)
         mask = await run_in_threadpool(store.decode_mask, mask_bytes, (decoded.height, decoded.width))
     except (SegmentError, ImageError) as error:
         raise HTTPException(error.status_code, detail=error.detail) from None
@@ -144,6 +156,17 @@ async def save_correction(_: AdminDep, request: Request, settings: SettingsDep, 
             status.HTTP_409_CONFLICT,
             detail=f"this image is saved already as correction {duplicate.existing.id}; "
             "send replace=true to replace its mask",
+        ) from None
+    except OSError as error:  # the folder is full or not writable: nothing was moved into place
+        log.error("a correction could not be written (%s)", type(error).__name__)
+        raise HTTPException(
+            status.HTTP_507_INSUFFICIENT_STORAGE,
+            detail=f"the corrections folder could not be written ({type(error).__name__}); nothing was saved",
+        ) from None
+    except IntegrityError:  # the same image saved by a concurrent request a moment earlier
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail="this image is being saved by another request; retry with replace=true",
         ) from None
     except ImageError as error:
         raise HTTPException(error.status_code, detail=error.detail) from None
