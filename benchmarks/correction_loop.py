@@ -27,6 +27,21 @@ from pathlib import Path
 from training.config import REPO_ROOT, SHARED_DATA_ROOT, TrainingConfig
 
 
+def _union_mask(sample, work: Path) -> Path:
+    """The sample's ground truth as one mask file (BUSI lesions may have several)."""
+    if len(sample.mask_paths) == 1:
+        return sample.mask_paths[0]
+    import numpy as np
+    from PIL import Image
+
+    from training.data.datasets import load_mask
+
+    path = work / "union-masks" / f"{sample.id.replace(' ', '_').replace('/', '_')}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.where(load_mask(sample), 255, 0).astype(np.uint8)).save(path)
+    return path
+
+
 def _evaluate(bundle_path: Path, samples: list, engine: str, cache_dir: Path) -> dict:
     from backend.app.engines import accelerate_predictor
     from training.evaluate import evaluate
@@ -58,6 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--refiner-epochs", type=int, default=2)
     parser.add_argument("--end-to-end-epochs", type=int, default=0, help="0: no phase 3.")
     parser.add_argument("--busi-limit", type=int, help="Evaluate only the first N BUSI test images.")
+    parser.add_argument(
+        "--replay-busi",
+        type=int,
+        default=0,
+        help="Also save N BUSI images of the split's training part (never its test part) as "
+        "corrections: replay of the first hospital against forgetting.",
+    )
     parser.add_argument("--engine", default="auto", help="Serving engine of the evaluations.")
     parser.add_argument("--work-dir", type=Path, help="Keep everything here (default: a temp folder).")
     args = parser.parse_args(argv)
@@ -92,9 +114,19 @@ def main(argv: list[str] | None = None) -> dict:
         inference_engine="torch",
     )
     client = TestClient(create_app(settings))
+    busi = list_samples("busi", args.busi_root)
+    split = Split.load(args.split_file)
+    replay = []
+    if args.replay_busi:
+        trainval = set(split.trainval_ids)
+        lesion_first = sorted(
+            (s for s in busi if s.id in trainval), key=lambda s: (s.label == "normal", s.id)
+        )
+        step = max(1, len(lesion_first) // args.replay_busi)
+        replay = [s for s in lesion_first[::step] if s.mask_paths][: args.replay_busi]
     started = time.monotonic()
-    for sample in to_save:
-        mask_path = sample.mask_paths[0]
+    for sample in [*to_save, *replay]:
+        mask_path = _union_mask(sample, work)
         response = client.post(
             "/api/corrections",
             files={
@@ -130,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     tuned = Path(summary["bundle_path"])
 
     # 3. Before and after: the held-out patients of the new site, and BUSI's test split.
-    busi = list_samples("busi", args.busi_root)
-    busi_test = Split.load(args.split_file).test_samples(busi)
+    busi_test = split.test_samples(busi)
     if args.busi_limit:
         busi_test = busi_test[: args.busi_limit]
     onnx_dir = work / "onnx"
@@ -140,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         "engine": engine,
         "init_from": str(args.init_from),
         "saved_images": [s.id for s in to_save],
+        "replayed_busi_images": len(replay),
         "held_out_images": [s.id for s in held_out],
         "run": {
             "phases": phases,
