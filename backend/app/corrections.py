@@ -30,7 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.app.db.models import Correction, utcnow
-from backend.app.imaging import DecodedImage, ImageError, to_display_png
+from backend.app.imaging import DecodedImage, ImageError, mask_to_png, to_display_png
 
 #: Share of a mask's pixels that may lie between its two levels (antialiased or JPEG edges).
 MAX_INTERMEDIATE_FRACTION = 0.02
@@ -79,14 +79,6 @@ def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
 def image_key(decoded: DecodedImage) -> str:
     """The key of a saved image: the hash of its decoded pixels (the frame, not the file)."""
     return decoded.pixel_hash()
-
-
-def _mask_png(mask: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _write_temp(path: Path, data: bytes) -> Path:
@@ -184,7 +176,7 @@ def save_correction(
         "lesion_px": int(mask.sum()),
         "sop_instance_uid_sha256": uid_hash,
     }
-    contents = [(files.image, to_display_png(decoded.pixels)), (files.mask, _mask_png(mask))]
+    contents = [(files.image, to_display_png(decoded.pixels)), (files.mask, mask_to_png(mask))]
     if keep_dicom and decoded.kind == "dicom" and source_bytes is not None:
         contents.append((files.dicom, source_bytes))
     contents.append((files.meta, json.dumps(meta, indent=1).encode()))  # last: completes the pair

@@ -24,14 +24,19 @@ from backend.app.serving.prompts import check_prompt_ranges
 log = logging.getLogger(__name__)
 
 
-def _decode(job: Job, max_pixels: int) -> DecodedImage:
+def decode_upload(
+    data: bytes,
+    *,
+    frame: int | None,
+    max_pixels: int,
+    content_type: str | None = None,
+    filename: str | None = None,
+) -> DecodedImage:
+    """:func:`~backend.app.imaging.decode_image`, with any unexpected decoder failure turned into
+    an :class:`ImageError` (a bad input, never a 500; only the exception type is logged)."""
     try:
         return decode_image(
-            job.data,
-            frame=job.frame,
-            max_pixels=max_pixels,
-            content_type=job.content_type,
-            filename=job.filename,
+            data, frame=frame, max_pixels=max_pixels, content_type=content_type, filename=filename
         )
     except ImageError:
         raise
@@ -40,6 +45,16 @@ def _decode(job: Job, max_pixels: int) -> DecodedImage:
     except Exception as error:  # an unexpected decoder failure is still a bad input, never a 500
         log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
         raise ImageError(f"the image could not be decoded ({type(error).__name__})", 422) from None
+
+
+def _decode(job: Job, max_pixels: int) -> DecodedImage:
+    return decode_upload(
+        job.data,
+        frame=job.frame,
+        max_pixels=max_pixels,
+        content_type=job.content_type,
+        filename=job.filename,
+    )
 
 
 def _mask_result(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -27,10 +28,11 @@ from backend.app.api.deps import (
 )
 from backend.app.api.routes.runs import SessionDep
 from backend.app.db.models import Correction
-from backend.app.imaging import ImageError, decode_image
+from backend.app.imaging import ImageError
 from backend.app.schemas.corrections import CorrectionList, CorrectionRead
 from backend.app.serving.errors import SegmentError
 from backend.app.serving.multipart import form_field, frame_field, read_parts
+from backend.app.serving.service import decode_upload
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +81,6 @@ def _prompts(raw: str | None) -> dict:
     return value
 
 
-def _decode(data: bytes, frame: int | None, max_pixels: int):
-    try:
-        return decode_image(data, frame=frame, max_pixels=max_pixels)
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageError("the image is too large to decode in memory", 413) from None
-    except Exception as error:  # an unexpected decoder failure is still a bad input, never a 500
-        log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
-        raise ImageError(f"the image could not be decoded ({type(error).__name__})") from None
-
-
 def _correction_or_404(session, correction_id: int) -> Correction:
     row = session.get(Correction, correction_id)
     if row is None:
@@ -123,7 +113,9 @@ async def save_correction(_: AdminDep, request: Request, settings: SettingsDep, 
         replace = (form_field(parts, "replace") or "").strip().lower() in ("1", "true", "yes")
         model_version = form_field(parts, "model_version")
         prompts = _prompts(form_field(parts, "prompts"))
-        decoded = await run_in_threadpool(_decode, image_bytes, frame, settings.max_image_pixels)
+        decoded = await run_in_threadpool(
+            partial(decode_upload, image_bytes, frame=frame, max_pixels=settings.max_image_pixels)
+        )
         mask = await run_in_threadpool(store.decode_mask, mask_bytes, (decoded.height, decoded.width))
     except (SegmentError, ImageError) as error:
         raise HTTPException(error.status_code, detail=error.detail) from None
