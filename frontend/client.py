@@ -549,8 +549,8 @@ class BackendClient:
         }
 
     def list_models(self) -> list[JSON]:
-        """``GET /api/models``."""
-        return _unwrap_list(self._request("GET", "/api/models"), "models")
+        """``GET /api/models``: the versions only (:meth:`list_models_page` has the ids beside)."""
+        return self.list_models_page()["items"]
 
     def activate_model(self, model_id: str | int) -> JSON:
         """``POST /api/models/{id}/activate``."""

@@ -169,17 +169,18 @@ def click(client: BackendClient, state: CompareState, x: float, y: float, mode: 
     """A click at display coordinates (x, y) in ``mode``: a point, or a box corner (the second
     corner completes the box, which replaces an earlier one)."""
     nx, ny = display_to_native(state, x, y)
-    base = state.prompts or derived_prompts(state.result)
     if mode == BOX_CORNERS:
         if state.corner is None:
             return replace(state, corner=(nx, ny))
-        (ax, ay) = state.corner
-        if abs(ax - nx) < 2 or abs(ay - ny) < 2:
-            raise BackendError("The two box corners are too close: click the opposite corner of the lesion")
-        box = (min(ax, nx), min(ay, ny), max(ax, nx), max(ay, ny))
-        kept = [p for p in base if p.kind != "box"]
-        return resegment(client, state, [*kept, Prompt(kind="box", box=box)])
+        return _set_box(
+            client,
+            state,
+            state.corner,
+            (nx, ny),
+            "The two box corners are too close: click the opposite corner of the lesion",
+        )
     label = 0 if mode == BACKGROUND_POINT else 1
+    base = state.prompts or derived_prompts(state.result)
     return resegment(client, state, [*base, Prompt(kind="point", x=nx, y=ny, label=label)])
 
 
@@ -188,14 +189,20 @@ def drag_box(
 ) -> CompareState:
     """A box dragged on the (possibly shrunk) view, ``(x0, y0, x1, y1)`` in display pixels: it
     becomes the box prompt (replacing an earlier one) and the masks are recomputed."""
-    ax, ay = display_to_native(state, box[0], box[1])
-    bx, by = display_to_native(state, box[2], box[3])
+    corner_a = display_to_native(state, box[0], box[1])
+    corner_b = display_to_native(state, box[2], box[3])
+    return _set_box(client, state, corner_a, corner_b, "The box is too small: drag across the lesion")
+
+
+def _set_box(client, state: CompareState, corner_a, corner_b, too_small: str) -> CompareState:
+    """The box with opposite corners ``corner_a``/``corner_b`` (native pixels) as the one box
+    prompt, on top of the current prompts (the derived ones before the first correction)."""
+    (ax, ay), (bx, by) = corner_a, corner_b
     if abs(ax - bx) < 2 or abs(ay - by) < 2:
-        raise BackendError("The box is too small: drag across the lesion")
-    base = state.prompts or derived_prompts(state.result)
-    kept = [p for p in base if p.kind != "box"]
-    native = (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
-    return resegment(client, state, [*kept, Prompt(kind="box", box=native)])
+        raise BackendError(too_small)
+    kept = [p for p in state.prompts or derived_prompts(state.result) if p.kind != "box"]
+    box = (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
+    return resegment(client, state, [*kept, Prompt(kind="box", box=box)])
 
 
 def undo(client: BackendClient, state: CompareState) -> CompareState:

@@ -35,21 +35,6 @@ def load_image(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def load_mask(data: bytes, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Mask image bytes → bool H×W (any non-zero pixel is lesion).
-
-    With ``shape`` (H, W), a mask of another size is resized (nearest) to it.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            gray = image.convert("RGBA").convert("L")
-        else:
-            gray = image.convert("L")
-        if shape is not None and gray.size != (shape[1], shape[0]):
-            gray = gray.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-        return np.asarray(gray) > 0
-
-
 def contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """Boundary pixels of a bool mask, ``width`` pixels thick (inside the mask)."""
     if not mask.any():
@@ -68,25 +53,9 @@ def overlay(
     truth: np.ndarray | None = None,
     max_side: int | None = DISPLAY_MAX_SIDE,
 ) -> np.ndarray:
-    """The image with ``mask`` filled (``alpha``) and outlined in ``color``; ``truth`` outlined yellow."""
-    if mask.shape != image_rgb.shape[:2]:
-        raise ValueError(f"mask {mask.shape} does not match image {image_rgb.shape[:2]}")
-    height, width = mask.shape
-    scale = 1.0
-    if max_side and max(height, width) > max_side:
-        scale = max_side / max(height, width)
-    line = max(1, round(max(height, width) / 300))
-    out = image_rgb.astype(np.float32).copy()
-    tint = np.asarray(color, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * tint
-    out[contour(mask, line)] = tint
-    if truth is not None and truth.shape == mask.shape:
-        out[contour(truth, line)] = np.asarray(TRUTH_COLOR, dtype=np.float32)
-    result = out.clip(0, 255).astype(np.uint8)
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        result = np.asarray(Image.fromarray(result).resize(size, Image.Resampling.LANCZOS))
-    return result
+    """The image with ``mask`` filled (``alpha``) and outlined in ``color``; ``truth`` outlined
+    yellow (:func:`combined` with one layer and no prompts)."""
+    return combined(image_rgb, [(mask, color)], alpha=alpha, truth=truth, max_side=max_side)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -182,7 +151,7 @@ def combined(
     out = image_rgb.astype(np.float32).copy()
     for mask, color in layers:
         if mask.shape != (height, width):
-            raise ValueError(f"mask {mask.shape} does not match image {(height, width)}")
+            raise ValueError(f"mask {mask.shape} does not match image {image_rgb.shape[:2]}")
         tint = np.asarray(color, dtype=np.float32)
         out[mask] = (1 - alpha) * out[mask] + alpha * tint
         out[contour(mask, line)] = tint
