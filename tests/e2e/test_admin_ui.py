@@ -112,6 +112,26 @@ class Stack:
         self.procs.append((name, proc, log))
         return proc
 
+    def start_api(self) -> subprocess.Popen:
+        """``uvicorn backend.app.main:app`` on this stack's API port."""
+        return self.start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "backend.app.main:app", "--host", "127.0.0.1", "--port",
+             self.api_url.rsplit(":", 1)[1], "--log-level", "warning"],
+        )  # fmt: skip
+
+    def start_ui(self) -> subprocess.Popen:
+        """``python -m frontend.app`` on this stack's UI port, talking to its API."""
+        return self.start(
+            "ui",
+            [sys.executable, "-m", "frontend.app", "--host", "127.0.0.1", "--port",
+             self.ui_url.rsplit(":", 1)[1], "--api-url", self.api_url],
+        )  # fmt: skip
+
+    def wait_ready(self, api: subprocess.Popen, ui: subprocess.Popen) -> None:
+        self.wait_http(f"{self.api_url}/ready", api, "api", timeout=300)
+        self.wait_http(self.ui_url, ui, "ui", timeout=180)
+
     def wait_http(self, url: str, proc: subprocess.Popen, name: str, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -157,23 +177,14 @@ def stack(tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("e2e"))
     celery = Path(sys.executable).with_name("celery")
     try:
-        api = stack.start(
-            "api",
-            [sys.executable, "-m", "uvicorn", "backend.app.main:app", "--host", "127.0.0.1", "--port",
-             stack.api_url.rsplit(":", 1)[1], "--log-level", "warning"],
-        )  # fmt: skip
+        api = stack.start_api()
         stack.start(
             "worker",
             [str(celery) if celery.exists() else "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
              "-c", "1", "--pool=solo", "-l", "INFO", "-n", "e2e@%h"],
         )  # fmt: skip
-        ui = stack.start(
-            "ui",
-            [sys.executable, "-m", "frontend.app", "--host", "127.0.0.1", "--port",
-             stack.ui_url.rsplit(":", 1)[1], "--api-url", stack.api_url],
-        )  # fmt: skip
-        stack.wait_http(f"{stack.api_url}/ready", api, "api", timeout=300)
-        stack.wait_http(stack.ui_url, ui, "ui", timeout=180)
+        ui = stack.start_ui()
+        stack.wait_ready(api, ui)
         yield stack
     finally:
         stack.stop()
@@ -222,6 +233,13 @@ def _fill_number(page, elem_id: str, value) -> None:
 
 def _open_section(page, name: str) -> None:
     page.locator(f"#section-{name} button").first.click()
+
+
+def _choose_model(page, option: str) -> None:
+    """Pick the model whose dropdown label matches the regex ``option`` and press Activate."""
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name=re.compile(option)).first.click()
+    page.click("#activate-btn")
 
 
 def _wait_text(page, selector: str, text: str, timeout: float = 30.0) -> str:
@@ -321,9 +339,7 @@ def test_admin_ui_end_to_end(stack, page):
     _wait_text(page, "#models-table", "shipped default", timeout=60)
     table = _wait_text(page, "#models-table", "compact-", timeout=60)
     assert table.count("compact-") >= 2, table  # one name per model: the version it serves under
-    page.locator("#model-select input").click()
-    page.get_by_role("option", name=re.compile(r"^#2 ")).click()
-    page.click("#activate-btn")
+    _choose_model(page, r"^#2 ")
     deadline = time.monotonic() + 180
     while "is now active" not in page.locator("#status").inner_text():
         if "lower recorded refined Dice" in page.locator("#activate-warning").inner_text():
@@ -363,9 +379,7 @@ def test_admin_ui_end_to_end(stack, page):
     # -- rollback: the shipped default serves again -----------------------------------------
     page.get_by_role("tab", name="Models").click()
     _wait_text(page, "#models-table", "shipped default", timeout=60)
-    page.locator("#model-select input").click()
-    page.get_by_role("option", name=re.compile(r"^#1 ")).click()
-    page.click("#activate-btn")
+    _choose_model(page, r"^#1 ")
     _wait_text(page, "#status", "is now active", timeout=180)
     _wait_text(page, "#models-table", "active · shipped default", timeout=30)
     shipped = httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_version"]

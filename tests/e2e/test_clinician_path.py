@@ -28,6 +28,7 @@ from tests.e2e.test_admin_ui import (
     CHROMIUM_ARGS,
     TOKEN,
     Stack,
+    _choose_model,
     _wait_text,
 )
 from tests.imaging_fixtures import US_MULTIFRAME_STORAGE
@@ -40,24 +41,13 @@ MASK = BUSI / "Dataset_BUSI_with_GT" / "benign" / "benign (10)_mask.png"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    import sys
 
     if not IMAGE.is_file():
         pytest.skip(f"the shared BUSI data is missing ({IMAGE})")
     stack = Stack(tmp_path_factory.mktemp("clinician"))
     try:
-        api = stack.start(
-            "api",
-            [sys.executable, "-m", "uvicorn", "backend.app.main:app", "--host", "127.0.0.1", "--port",
-             stack.api_url.rsplit(":", 1)[1], "--log-level", "warning"],
-        )  # fmt: skip
-        ui = stack.start(
-            "ui",
-            [sys.executable, "-m", "frontend.app", "--host", "127.0.0.1", "--port",
-             stack.ui_url.rsplit(":", 1)[1], "--api-url", stack.api_url],
-        )  # fmt: skip
-        stack.wait_http(f"{stack.api_url}/ready", api, "api", timeout=300)
-        stack.wait_http(stack.ui_url, ui, "ui", timeout=180)
+        api, ui = stack.start_api(), stack.start_ui()
+        stack.wait_ready(api, ui)
         yield stack
     finally:
         stack.stop()
@@ -303,7 +293,6 @@ def test_save_a_corrected_mask_as_ground_truth_then_view_and_delete_it(page, sta
 
 
 def test_models_confirm_a_worse_model_then_roll_back_to_the_shipped_one(page, stack, tmp_path):
-    import re
 
     import httpx
 
@@ -328,9 +317,7 @@ def test_models_confirm_a_worse_model_then_roll_back_to_the_shipped_one(page, st
 
     page.get_by_role("tab", name="Models").click()
     _wait_text(page, "#models-table", "worse-model", timeout=60)
-    page.locator("#model-select input").click()
-    page.get_by_role("option", name=re.compile(rf"^#{worse} ")).click()
-    page.click("#activate-btn")
+    _choose_model(page, rf"^#{worse} ")
     _wait_text(page, "#activate-warning", "lower recorded refined Dice (0.250)", timeout=60)
     assert httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_source"] == "default"
     page.locator("#confirm-activate-btn:not([disabled])").click()
@@ -338,9 +325,7 @@ def test_models_confirm_a_worse_model_then_roll_back_to_the_shipped_one(page, st
     assert httpx.get(f"{stack.api_url}/ready", timeout=10).json()["model_version"] != "worse-model"
     _wait_text(page, "#models-table", "✓ active", timeout=30)
 
-    page.locator("#model-select input").click()
-    page.get_by_role("option", name=re.compile(r"shipped|^#1 ")).first.click()
-    page.click("#activate-btn")
+    _choose_model(page, r"shipped|^#1 ")
     _wait_text(page, "#status", "is now active", timeout=180)
     _wait_text(page, "#models-table", "active · shipped default", timeout=30)
     ready = httpx.get(f"{stack.api_url}/ready", timeout=10).json()

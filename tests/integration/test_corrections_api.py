@@ -146,13 +146,9 @@ def test_dicom_is_stored_deidentified_unless_asked(client, settings, tmp_path):
     assert next((tmp_path / "kept").glob("dicom/*.dcm")).read_bytes() == data
 
 
-def test_a_failure_mid_save_leaves_no_half_pair(settings, monkeypatch):
-    from backend.app.db.session import init_db
-    from backend.app.imaging import decode_image
-
-    init_db(settings)
-    decoded = decode_image(IMAGE.read_bytes())
-    mask = store.decode_mask(MASK.read_bytes(), (decoded.height, decoded.width))
+@pytest.fixture
+def meta_write_fails(monkeypatch):
+    """The disk fills up at the last file of a save (the meta file that completes a pair)."""
     real_write = store._write_temp
 
     def fail_on_meta(path, data):
@@ -160,7 +156,17 @@ def test_a_failure_mid_save_leaves_no_half_pair(settings, monkeypatch):
             raise OSError("disk full")
         return real_write(path, data)
 
-    monkeypatch.setattr(store, "_write_temp", fail_on_meta)
+    return lambda: monkeypatch.setattr(store, "_write_temp", fail_on_meta)
+
+
+def test_a_failure_mid_save_leaves_no_half_pair(settings, meta_write_fails):
+    from backend.app.db.session import init_db
+    from backend.app.imaging import decode_image
+
+    init_db(settings)
+    decoded = decode_image(IMAGE.read_bytes())
+    mask = store.decode_mask(MASK.read_bytes(), (decoded.height, decoded.width))
+    meta_write_fails()
     with pytest.raises(OSError), session_scope(settings) as session:
         store.save_correction(
             session,
@@ -203,17 +209,10 @@ def test_saved_corrections_are_the_corrections_dataset(client, settings):
     assert len(list_samples("corrections", settings.corrections_dir)) == 4
 
 
-def test_a_failed_replacement_keeps_the_saved_pair(client, settings, monkeypatch):
+def test_a_failed_replacement_keeps_the_saved_pair(client, settings, meta_write_fails):
     assert _save(client, IMAGE.read_bytes(), MASK.read_bytes()).status_code == 201
     before = {p: p.read_bytes() for p in settings.corrections_dir.rglob("*") if p.is_file()}
-    real_write = store._write_temp
-
-    def fail_on_meta(path, data):
-        if path.parent.name == "meta":
-            raise OSError("disk full")
-        return real_write(path, data)
-
-    monkeypatch.setattr(store, "_write_temp", fail_on_meta)
+    meta_write_fails()
     empty = _png(np.zeros((585, 683), np.uint8))
     response = _save(client, IMAGE.read_bytes(), empty, replace="true")
     assert response.status_code == 507 and "nothing was saved" in response.json()["detail"]
