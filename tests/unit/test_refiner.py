@@ -151,6 +151,31 @@ def test_output_shapes_soft_selection_and_override():
     assert not torch.allclose(overridden.refined_logits, out.refined_logits)
 
 
+def test_dense_positional_encoding_is_computed_once_outside_autograd_only():
+    refiner = tiny_refiner(RefinerConfig(pretrained=False)).eval()
+    with torch.inference_mode():
+        first, second = refiner._dense_pe(), refiner._dense_pe()
+    assert first is second  # one tensor: a graph engine converts it once
+    assert torch.equal(first, refiner.prompt_encoder.get_dense_pe())
+    with torch.no_grad():
+        assert refiner._dense_pe() is refiner._dense_pe()
+    refiner.train()
+    with torch.no_grad():
+        assert refiner._dense_pe() is not refiner._dense_pe()  # training: never a stale cache
+    refiner.eval()
+    assert refiner._dense_pe() is not refiner._dense_pe()  # autograd on: recomputed
+    # A changed buffer (e.g. weights loaded in place) is seen: the key includes its storage.
+    with torch.no_grad():
+        before = refiner._dense_pe()
+        matrix = refiner.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        refiner.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix = matrix * 2
+        after = refiner._dense_pe()
+    assert not torch.equal(before, after)
+    with torch.no_grad():
+        refiner.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.copy_(matrix)  # in place
+        assert torch.equal(refiner._dense_pe(), before)
+
+
 def test_roi_mode_pastes_back_into_the_full_frame():
     refiner = tiny_refiner(RefinerConfig(pretrained=False, roi_mode=True))
     probs = torch.zeros(1, 1, SIDE, SIDE)

@@ -157,7 +157,7 @@ class Refiner(nn.Module):
             raise ValueError("the refiner needs at least one prompt")
         if prompts.batch_size != batch:
             raise ValueError(f"{prompts.batch_size} prompts for {batch} image embeddings")
-        dense_pe = self.prompt_encoder.get_dense_pe()
+        dense_pe = self._dense_pe()
         masks, ious = [], []
         for index in range(batch):
             sample = prompts.select(index)
@@ -175,6 +175,21 @@ class Refiner(nn.Module):
             masks.append(low_res)
             ious.append(iou)
         return torch.cat(masks), torch.cat(ious)
+
+    def _dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's positional encoding of the embedding grid. It depends on a fixed
+        buffer only, so outside autograd (serving, validation) it is computed once per device and
+        reused; the same tensor object each call also lets a graph engine keep its converted copy."""
+        if torch.is_grad_enabled() or self.training:
+            return self.prompt_encoder.get_dense_pe()
+        buffer = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        version = None if buffer.is_inference() else buffer._version  # in-place loads bump it
+        key = (buffer.device, buffer.dtype, buffer.data_ptr(), version, torch.is_inference_mode_enabled())
+        cached = getattr(self, "_dense_pe_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.prompt_encoder.get_dense_pe())
+            self._dense_pe_cache = cached
+        return cached[1]
 
     def _refine(
         self, image_embeddings: torch.Tensor, prompts: Prompts, multimask_output: bool = True

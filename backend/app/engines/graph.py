@@ -110,6 +110,16 @@ class OnnxMaskDecoder(_OnnxModule):
     single-/multi-mask selection is the same slicing as SAM's ``MaskDecoder.forward``.
     """
 
+    def _image_pe_numpy(self, image_pe: torch.Tensor) -> np.ndarray:
+        """``image_pe`` as a graph input; the refiner passes the same tensor each call (it is a
+        constant), whose conversion is then kept instead of repeated."""
+        cached = getattr(self, "_pe_cache", None)
+        if cached is not None and cached[0] is image_pe:
+            return cached[1]
+        converted = _numpy(image_pe)
+        self._pe_cache = (image_pe, converted)
+        return converted
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -121,7 +131,7 @@ class OnnxMaskDecoder(_OnnxModule):
         batch = sparse_prompt_embeddings.shape[0]
         if image_embeddings.shape[0] not in (1, batch):
             raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {batch} prompt sets")
-        pe = _numpy(image_pe)
+        pe = self._image_pe_numpy(image_pe)
         masks, ious = [], []
         for index in range(batch):
             embedding = image_embeddings[index if image_embeddings.shape[0] > 1 else 0]

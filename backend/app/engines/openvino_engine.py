@@ -80,7 +80,8 @@ class OpenVinoSession:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        results = request.infer(feed)
+        # The feed's arrays are the caller's for the length of this call: no copy into the request.
+        results = request.infer(feed, share_inputs=True)
         # Copies: the request's output buffers are reused by its next inference.
         return [np.array(results[port]) for port in self._outputs]
 
