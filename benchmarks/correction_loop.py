@@ -10,6 +10,7 @@ model did not forget its first hospital.
 
     python benchmarks/correction_loop.py [--init-from models/default.pt] [--held-out-cases 16,28]
         [--coarse-epochs 10 --coarse-lr 0.001 --refiner-epochs 2] [--busi-limit N] [--engine auto]
+        [--pool-busi --pool-weight 10 --folds-to-run 0] [--replay-busi N]
 
 Everything is written under a temporary folder (``--work-dir`` to keep it).
 """
@@ -80,6 +81,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="Also save N BUSI images of the split's training part (never its test part) as "
         "corrections: replay of the first hospital against forgetting.",
     )
+    parser.add_argument(
+        "--pool-busi",
+        action="store_true",
+        help="Train on BUSI and the corrections pooled (data.pool_dataset): BUSI keeps --split-file "
+        "(its test part never trained on), the corrections get a split of their own.",
+    )
+    parser.add_argument(
+        "--pool-weight", type=int, default=1, help="Pooled: each correction drawn N times per epoch."
+    )
+    parser.add_argument(
+        "--folds-to-run", default=None, help="Phase-1 folds to train, e.g. 0 (default: all of the split's)."
+    )
+    parser.add_argument("--cache-dir", type=Path, help="Embedding cache (default: under the work folder).")
     parser.add_argument("--engine", default="auto", help="Serving engine of the evaluations.")
     parser.add_argument("--work-dir", type=Path, help="Keep everything here (default: a temp folder).")
     args = parser.parse_args(argv)
@@ -142,15 +156,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. Fine-tune from the starting bundle on the corrections dataset.
     phases = ["coarse", "augment", "refiner"] + (["end-to-end"] if args.end_to_end_epochs else [])
+    if args.pool_busi:
+        data = {
+            "dataset": "busi",
+            "root": str(args.busi_root),
+            "split_file": str(args.split_file),
+            "folds": len(split.folds),
+            "pool_dataset": "corrections",
+            "pool_root": str(settings.corrections_dir),
+            "pool_weight": args.pool_weight,
+        }
+    else:
+        data = {"dataset": "corrections", "root": str(settings.corrections_dir), "folds": 2}
+    folds_to_run = None
+    if args.folds_to_run:
+        folds_to_run = [int(fold) for fold in args.folds_to_run.split(",")]
     cfg = TrainingConfig.model_validate(
         {
             "phases": phases,
             "device": "cpu",
             "init_from": str(args.init_from),
             "output_dir": str(work / "run"),
-            "cache_dir": str(work / "embeddings"),
-            "data": {"dataset": "corrections", "root": str(settings.corrections_dir), "folds": 2},
-            "coarse": {"epochs": args.coarse_epochs, "lr": args.coarse_lr, "batch_size": 4},
+            "cache_dir": str(args.cache_dir or work / "embeddings"),
+            "data": data,
+            "coarse": {
+                "epochs": args.coarse_epochs,
+                "lr": args.coarse_lr,
+                "batch_size": 4,
+                "folds_to_run": folds_to_run,
+            },
             "augment": {"per_mask": 3},
             "refiner_train": {"epochs": args.refiner_epochs, "batch_size": 4},
             "end_to_end": {"epochs": max(1, args.end_to_end_epochs), "batch_size": 2},
@@ -178,6 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
             "coarse_epochs": args.coarse_epochs,
             "coarse_lr": args.coarse_lr,
             "refiner_epochs": args.refiner_epochs,
+            "pooled_with_busi": args.pool_busi,
+            "pool_weight": args.pool_weight if args.pool_busi else None,
+            "folds_to_run": folds_to_run,
             "split": summary["split"],
             "corrections_test_before": summary.get("init_test"),
             "corrections_test_after": summary.get("test"),

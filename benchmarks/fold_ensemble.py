@@ -27,7 +27,7 @@ from training.data.datasets import list_samples
 from training.data.splits import Split
 from training.evaluate import evaluate
 from training.inference import Predictor
-from training.modeling.transunet import build_transunet
+from training.modeling.coarse_registry import build_coarse
 from training.phases.context import COARSE_DIR
 from training.phases.refiner_finetune import embedding_cache_for
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     folds = []
     for path in sorted((run / COARSE_DIR).glob("fold*/best.pt")):
-        model = build_transunet(cfg.transunet)
+        model = build_coarse(cfg)
         model.load_state_dict(load_checkpoint(path)["model"])
         folds.append(model.eval())
     if len(folds) < 2:

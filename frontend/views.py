@@ -429,7 +429,17 @@ def fine_tuning_text(metrics: JSON) -> str:
     if not isinstance(before, dict) or not isinstance(after, dict):
         return ""
     source = (metrics.get("init_from") or {}).get("model_version") or "?"
-    return f"{fmt_dice(before.get('dice_refined'))} → {fmt_dice(after.get('dice_refined'))} from {source}"
+    text = f"{fmt_dice(before.get('dice_refined'))} → {fmt_dice(after.get('dice_refined'))}"
+    # A pooled run (e.g. busi + corrections): what each dataset's held-out part gained or kept.
+    parts_before, parts_after = before.get("by_dataset"), after.get("by_dataset")
+    if isinstance(parts_before, dict) and isinstance(parts_after, dict):
+        each = [
+            f"{name} {fmt_dice((parts_before.get(name) or {}).get('dice_refined'))} → "
+            f"{fmt_dice((part or {}).get('dice_refined'))}"
+            for name, part in parts_after.items()
+        ]
+        text += f" ({'; '.join(each)})"
+    return f"{text} from {source}"
 
 
 def model_choices(models: list[JSON]) -> list[tuple[str, str]]:

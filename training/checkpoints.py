@@ -209,12 +209,12 @@ def build_untrained_bundle(cfg: TrainingConfig | None = None, seed: int | None =
     Its ``model_version`` ends in ``-untrained``. Seeded (``cfg.data.seed`` by default) without
     touching the global RNG, so two calls give identical weights.
     """
-    from training.modeling.transunet import build_transunet
+    from training.modeling.coarse_registry import build_coarse
 
     cfg = cfg or TrainingConfig()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed if seed is None else seed)
-        coarse = build_transunet(cfg.transunet)
+        coarse = build_coarse(cfg)
     refiner = build_seeded_refiner(cfg)
     return make_bundle(
         config=cfg,
@@ -241,13 +241,15 @@ def init_bundle(cfg: TrainingConfig) -> dict | None:
 
 
 def adopt_init_architecture(cfg: TrainingConfig) -> TrainingConfig:
-    """With ``init_from``, the run's TransUNet and refiner settings are the bundle's (its weights
+    """With ``init_from``, the run's coarse-segmenter and refiner settings are the bundle's (its weights
     only fit its architecture); without, ``cfg`` as it is."""
     bundle = init_bundle(cfg)
     if bundle is None:
         return cfg
     source = bundle_config(bundle)
-    return cfg.model_copy(update={"transunet": source.transunet, "refiner": source.refiner})
+    return cfg.model_copy(
+        update={"coarse_model": source.coarse_model, "transunet": source.transunet, "refiner": source.refiner}
+    )
 
 
 def initial_refiner(cfg: TrainingConfig):

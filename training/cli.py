@@ -400,6 +400,8 @@ def _train(
         from training.pipeline import run_training
 
         list_samples(cfg.data.dataset, cfg.data.root)  # fail early, clearly, on a bad dataset root
+        if cfg.data.pooled:
+            list_samples(cfg.data.pool_dataset, cfg.data.pool_root)
         with TerminalProgress(bar=progress) as terminal:
             summary = run_training(cfg, callback=terminal, resume=resume)
         brief = {

@@ -26,6 +26,8 @@ PREPROCESSING_VERSION = "1"
 
 DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm", "corrections"]
 ConfigName = Literal["compact", "full"]
+#: Registered coarse segmenters (training/modeling/coarse_registry.py), each with its config section.
+CoarseModel = Literal["transunet"]
 Backbone = Literal["litemedsam", "sam_vit_b"]
 Device = Literal["auto", "cpu", "cuda"]
 Phase = Literal["coarse", "augment", "refiner", "end-to-end"]
@@ -137,11 +139,52 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified held-out test fraction.")
     folds: int = Field(5, ge=2, le=20, description="K folds of cross-validation on the training split.")
     seed: int = Field(42, description="Seed of the split and of every random choice in training.")
-    split_file: Path | None = Field(None, description="Split JSON (default: <output_dir>/split.json).")
+    split_file: Path | None = Field(
+        None, description="Split JSON (default: <output_dir>/split.json; pooled: the first dataset's split)."
+    )
     limit: int | None = Field(
         None, ge=4, le=MAX_IMAGES, description="Use N images, round-robin over labels (smoke tests)."
     )
     dedup_threshold: int = Field(10, ge=0, le=64, description="Max perceptual-hash distance of duplicates.")
+    pool_dataset: DatasetName | None = Field(
+        None,
+        description="A second dataset trained on together with the first, e.g. corrections beside busi. "
+        "Each is split on its own (same test fraction, folds and seed; split_file, when given, is the "
+        "first dataset's and is kept), fold k and the test split are the unions of both, and test "
+        "reports give Dice per dataset. Its image ids are prefixed '<pool_dataset>:'.",
+    )
+    pool_root: Path | None = Field(
+        None, description="Root folder of pool_dataset (corrections: the server's corrections folder)."
+    )
+    pool_weight: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Each training image of pool_dataset is drawn this many times per epoch (phases 1, "
+        "2b and 3): a handful of corrections beside hundreds of public images would otherwise barely "
+        "move the model. Validation and test count every image once.",
+    )
+
+    @model_validator(mode="after")
+    def _pool_complete(self) -> DataConfig:
+        if (self.pool_root is None) != (self.pool_dataset is None):
+            raise ValueError("pool_dataset and pool_root go together: give both or neither")
+        if (
+            self.pool_dataset is not None
+            and self.pool_dataset == self.dataset
+            and (Path(self.pool_root).expanduser().resolve() == Path(self.root).expanduser().resolve())
+        ):
+            raise ValueError("pool_dataset/pool_root name the same data as dataset/root")
+        return self
+
+    @property
+    def pooled(self) -> bool:
+        return self.pool_dataset is not None
+
+    @property
+    def name(self) -> str:
+        """``busi`` or, pooled, ``busi+corrections``: the name a split and a report carry."""
+        return self.dataset if self.pool_dataset is None else f"{self.dataset}+{self.pool_dataset}"
 
 
 class CoarseTrainConfig(_Strict):
@@ -282,6 +325,11 @@ class TrainingConfig(BaseSettings):
         "architecture) instead of from scratch, e.g. models/default.pt on saved corrections; the run "
         "also evaluates the starting model on its test split, for before/after.",
     )
+    coarse_model: CoarseModel = Field(
+        "transunet",
+        description="Coarse segmenter from the registry; its architecture is the config section of "
+        "the same name.",
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     transunet: TransUNetConfig = Field(default_factory=lambda: TransUNetConfig.named("compact"))
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
@@ -310,4 +358,8 @@ class TrainingConfig(BaseSettings):
 
     @property
     def split_path(self) -> Path:
+        """The run's split. Pooled, ``data.split_file`` is the first dataset's part only, and the
+        pooled split is always ``<output_dir>/split.json``."""
+        if self.data.pooled:
+            return self.output_dir / "split.json"
         return self.data.split_file or self.output_dir / "split.json"

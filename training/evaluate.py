@@ -150,6 +150,20 @@ def evaluate(
     return report
 
 
+def by_dataset(report: dict, dataset_of: Callable[[str], str]) -> dict[str, dict]:
+    """The report of each dataset of a pooled evaluation (``dataset_of``: image id → dataset
+    name), each without its per-image list."""
+    groups: dict[str, list[dict]] = {}
+    for record in report["per_image"]:
+        groups.setdefault(dataset_of(record["id"]), []).append(record)
+    parts = {}
+    for name, records in groups.items():
+        part = summarize(records, threshold=report["threshold"], model_version=report.get("model_version"))
+        part.pop("per_image")
+        parts[name] = part
+    return parts
+
+
 def format_report(report: dict) -> str:
     """One line: ``Dice coarse 0.712 → refined 0.745 (Δ +0.033) on 42 lesion images; …``."""
 

@@ -32,6 +32,7 @@ from training.checkpoints import (
 )
 from training.config import TrainingConfig
 from training.data.transforms import Geometry, coarse_input, refiner_input
+from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
 
 
 @dataclass
@@ -70,14 +71,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def build_models_from_bundle(bundle: dict, device: str | torch.device = "cpu"):
     """``(TransUNet, Refiner, TrainingConfig)`` rebuilt from a validated bundle, in ``eval()`` mode."""
-    from training.modeling.transunet import build_transunet
+    from training.modeling.coarse_registry import build_coarse
 
     cfg = bundle_config(bundle)
-    coarse = build_transunet(cfg.transunet)
+    coarse = build_coarse(cfg)
     try:
         coarse.load_state_dict(bundle["coarse_state_dict"], strict=True)
     except RuntimeError as error:
-        raise BundleError(f"coarse weights do not fit the bundle's TransUNet config: {error}") from None
+        raise BundleError(
+            f"coarse weights do not fit the bundle's {cfg.coarse_model} config: {error}"
+        ) from None
     refiner = build_seeded_refiner(cfg)
     load_refiner_trainable(refiner, bundle["refiner_state_dict"])
     device = resolve_device(device)
@@ -140,7 +143,8 @@ class Predictor:
         self.untrained = untrained
         self.metrics = dict(metrics or {})
         self.backbone = config.refiner.backbone
-        self.coarse_size = config.transunet.img_size
+        self.coarse_size = coarse_input_size(config)
+        self.coarse_channels = coarse_in_channels(config)
 
     # ------------------------------------------------------------------ construction
     @classmethod

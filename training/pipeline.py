@@ -56,10 +56,15 @@ EVALUATION = "evaluation"
 
 
 def load_run_samples(cfg: TrainingConfig):
-    """The dataset's samples, limited to ``data.limit`` (round-robin over labels)."""
-    from training.data.datasets import list_samples
+    """The dataset's samples, limited to ``data.limit`` (round-robin over labels), followed by
+    those of the pooled dataset when there is one (limited the same way, on their own)."""
+    from training.data.datasets import list_pool_samples, list_samples
 
-    return limit_samples(list_samples(cfg.data.dataset, cfg.data.root), cfg.data.limit)
+    data = cfg.data
+    samples = limit_samples(list_samples(data.dataset, data.root), data.limit)
+    if data.pooled:
+        samples += limit_samples(list_pool_samples(data.pool_dataset, data.pool_root), data.limit)
+    return samples
 
 
 def _phase_runners():
@@ -129,13 +134,13 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
         "run %s: phases %s on %s (%d images) with %s",
         output_dir,
         cfg.phases,
-        cfg.data.dataset,
+        cfg.data.name,
         len(samples),
         device,
     )
     ctx.emit(
         "run_start",
-        message=f"training {', '.join(cfg.phases)} on {cfg.data.dataset} ({len(samples)} images, {device})",
+        message=f"training {', '.join(cfg.phases)} on {cfg.data.name} ({len(samples)} images, {device})",
         extra={
             "phases": list(cfg.phases),
             "output_dir": str(output_dir),
@@ -226,7 +231,8 @@ def _without_images(report: dict) -> dict:
 def evaluate_test_split(ctx: RunContext, bundle: dict, *, stage: str = "final") -> dict:
     """The evaluation protocol on the held-out test split with the exact serving path (Predictor);
     ``stage="baseline"`` for the model a fine-tuning run started from."""
-    from training.evaluate import evaluate, format_report
+    from training.data.datasets import is_pool_sample
+    from training.evaluate import by_dataset, evaluate, format_report
     from training.inference import Predictor
     from training.phases.refiner_finetune import embedding_cache_for
 
@@ -248,6 +254,23 @@ def evaluate_test_split(ctx: RunContext, bundle: dict, *, stage: str = "final") 
         stage=stage,
     )
     report["split"] = "test"
+    data = ctx.cfg.data
+    if data.pooled:  # the two datasets' Dice apart: what a fine-tuning run gains and what it keeps
+        pooled = {
+            sample_id for sample_id in ctx.split.test_ids if is_pool_sample(ctx.store.samples[sample_id])
+        }
+        report["by_dataset"] = by_dataset(
+            report, lambda sample_id: data.pool_dataset if sample_id in pooled else data.dataset
+        )
+        for name, part in report["by_dataset"].items():
+            log.info("test split, %s: %s", name, format_report(part))
+            ctx.emit(  # one store row per dataset, beside the pooled one
+                "evaluation",
+                phase="test",
+                dice=part["dice_refined"],
+                message=f"{name}: {format_report(part)}",
+                extra={**part, "dataset": name, "split": "test", "stage": stage},
+            )
     name = "evaluation_test.json" if stage == "final" else f"evaluation_test_{stage}.json"
     write_json(Path(ctx.cfg.output_dir) / name, report)
     log.info("test split: %s", format_report(report))

@@ -397,7 +397,7 @@ def execute_run(
         run_id,
         pid=pid,
         hostname=hostname,
-        dataset=cfg.data.dataset,
+        dataset=cfg.data.name,
         start_progress=start_progress,
         heartbeat=beat,
     )

@@ -286,6 +286,30 @@ def test_dataset_roots_must_lie_under_datasets_root(settings, enqueued, tmp_path
     assert ok.status_code == 201, ok.text
 
 
+def test_with_corrections_pools_the_servers_saved_corrections(settings, enqueued, tmp_path):
+    settings.corrections_dir = tmp_path / "corrections"
+    client = TestClient(make_app(settings))
+    none_yet = client.post("/api/runs", json=tiny_body(with_corrections=True), headers=AUTH)
+    assert none_yet.status_code == 422
+    detail = none_yet.json()["detail"][0]
+    assert detail["loc"] == ["body", "with_corrections"] and "no corrections" in detail["msg"]
+    (settings.corrections_dir / "meta").mkdir(parents=True)
+    response = client.post("/api/runs", json=tiny_body(with_corrections=True), headers=AUTH)
+    assert response.status_code == 201, response.text
+    data = response.json()["config"]["data"]
+    assert data["pool_dataset"] == "corrections"
+    assert Path(data["pool_root"]) == settings.corrections_dir and data["dataset"] == "busi"
+    both = tiny_body(with_corrections=True, data={"pool_dataset": "busi", "pool_root": str(tmp_path)})
+    twice = client.post("/api/runs", json=both, headers=AUTH)
+    assert twice.status_code == 422 and "both name the pooled dataset" in twice.text
+    missing = tiny_body(data={"pool_dataset": "corrections", "pool_root": str(tmp_path / "nope")})
+    answer = client.post("/api/runs", json=missing, headers=AUTH)
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["loc"] == ["body", "data", "pool_root"]
+    half = client.post("/api/runs", json=tiny_body(data={"pool_dataset": "corrections"}), headers=AUTH)
+    assert half.status_code == 422 and "give both or neither" in half.text
+
+
 def test_config_schema_is_generated_from_training_config(client):
     schema = client.get("/api/config/schema", headers=AUTH).json()
     properties = schema["properties"]

@@ -40,7 +40,7 @@ def accelerated_predictor(refiner, engine: str, cache_dir, coarse=None):
         refiner=copy.deepcopy(refiner),
         coarse=copy.deepcopy(coarse if coarse is not None else tiny_coarse()),
         coarse_size=TINY_TRANSUNET.img_size,
-        config=SimpleNamespace(transunet=TINY_TRANSUNET),
+        coarse_channels=TINY_TRANSUNET.in_channels,
         device="cpu",
     )
     return accelerate_predictor(predictor, engine, cache_dir)

@@ -113,6 +113,20 @@ def test_models_show_dice_before_and_after_fine_tuning():
         "0.8200 → 0.8600 from compact-litemedsam-start"
     )
     assert views.fine_tuning_text({"test": {"dice_refined": 0.7}}) == ""
+    pooled = {
+        "test": {
+            "dice_refined": 0.8,
+            "by_dataset": {"busi": {"dice_refined": 0.75}, "corrections": {"dice_refined": 0.6}},
+        },
+        "init_test": {
+            "dice_refined": 0.7,
+            "by_dataset": {"busi": {"dice_refined": 0.76}, "corrections": {"dice_refined": 0.1}},
+        },
+        "init_from": {"model_version": "start"},
+    }
+    assert views.fine_tuning_text(pooled) == (
+        "0.7000 → 0.8000 (busi 0.7600 → 0.7500; corrections 0.1000 → 0.6000) from start"
+    )
 
 
 def test_train_form_leaves_a_missing_default_root_empty_with_a_hint():

@@ -191,6 +191,27 @@ def list_samples(dataset: str, root: Path | str) -> list[Sample]:
     return samples
 
 
+#: Separates a pooled dataset's name from its own image id (``corrections:ab12…``).
+POOL_SEPARATOR = ":"
+
+
+def list_pool_samples(dataset: str, root: Path | str) -> list[Sample]:
+    """The samples of a run's pooled (second) dataset: :func:`list_samples` with every id
+    prefixed ``<dataset>:`` (ids of two datasets never collide) and ``extra["pool"]`` set."""
+    import dataclasses
+
+    return [
+        dataclasses.replace(
+            sample, id=f"{dataset}{POOL_SEPARATOR}{sample.id}", extra={**sample.extra, "pool": True}
+        )
+        for sample in list_samples(dataset, root)
+    ]
+
+
+def is_pool_sample(sample: Sample) -> bool:
+    return bool(sample.extra.get("pool"))
+
+
 def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 

@@ -405,6 +405,66 @@ def seeded_split(samples: Sequence[Sample], data, dataset: str | None = None) ->
     )
 
 
+def pool_splits(first: Split, second: Split, dataset: str) -> Split:
+    """One split of two datasets split on their own: ids, labels and groups side by side (the
+    second's groups renumbered after the first's), test = both tests, fold k = both folds k."""
+    if len(first.folds) != len(second.folds):
+        raise ValueError(f"cannot pool a {len(first.folds)}-fold split with a {len(second.folds)}-fold one")
+    overlap = set(first.ids) & set(second.ids)
+    if overlap:
+        raise ValueError(f"pooled datasets share {len(overlap)} image ids (e.g. {sorted(overlap)[0]!r})")
+    offset = max(first.groups.values(), default=-1) + 1
+    return Split(
+        dataset=dataset,
+        seed=first.seed,
+        params={**first.params, "pooled": {"first": first.dataset, "second": second.dataset}},
+        ids=first.ids + second.ids,
+        labels={**first.labels, **second.labels},
+        groups={**first.groups, **{k: v + offset for k, v in second.groups.items()}},
+        test_ids=first.test_ids + second.test_ids,
+        folds=[a + b for a, b in zip(first.folds, second.folds, strict=True)],
+    )
+
+
+def _pooled_split_for(cfg, samples: Sequence[Sample]) -> Split:
+    """The split of a pooled run (``data.pool_dataset``): the first dataset's split (its
+    ``split_file`` when given, as the fixed protocol; else seeded), the pooled dataset split on
+    its own with the same test fraction, number of folds, seed and duplicate threshold, then
+    :func:`pool_splits`; written to ``<output_dir>/split.json``."""
+    from training.data.datasets import is_pool_sample
+
+    data = cfg.data
+    first_samples = [s for s in samples if not is_pool_sample(s)]
+    second_samples = [s for s in samples if is_pool_sample(s)]
+    if data.split_file is not None:
+        first = Split.load(data.split_file)
+        if not first.matches(first_samples, data.dataset):
+            raise ValueError(
+                f"split file {data.split_file} was made for other images ({first.dataset}, "
+                f"{len(first.ids)} ids) than the {data.dataset} data at {data.root} "
+                f"({len(first_samples)} ids)"
+            )
+    else:
+        first = seeded_split(first_samples, data)
+    try:
+        second = make_split(
+            second_samples,
+            float(first.params.get("test_fraction", data.test_fraction)),
+            len(first.folds),
+            data.seed,
+            data.dedup_threshold,
+            dataset=data.pool_dataset,
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"the pooled {data.pool_dataset} data at {data.pool_root} ({len(second_samples)} images) "
+            f"cannot be split like {data.dataset}: {error}"
+        ) from None
+    split = pool_splits(first, second, data.name)
+    split.save(cfg.split_path)
+    return split
+
+
 def split_for(cfg, samples: Sequence[Sample]) -> Split:
     """The split of a run: ``cfg.split_path`` if it fits ``samples`` and ``cfg.data``, else a new one.
 
@@ -414,6 +474,8 @@ def split_for(cfg, samples: Sequence[Sample]) -> Split:
     rewritten whenever the dataset, ids, seed, folds, test fraction or threshold changed.
     """
     data = cfg.data
+    if data.pooled:
+        return _pooled_split_for(cfg, samples)
     path = Path(cfg.split_path)
     wanted = {
         "test_fraction": data.test_fraction,

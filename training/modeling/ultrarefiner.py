@@ -18,7 +18,6 @@ from training.config import TrainingConfig
 from training.data.transforms import Geometry
 from training.modeling.prompts import Prompts
 from training.modeling.refiner import Refiner
-from training.modeling.transunet import TransUNet
 
 
 class GradScale(torch.autograd.Function):
@@ -54,9 +53,10 @@ def valid_masks(geometries: Sequence[Geometry], device: torch.device | str = "cp
 
 
 class UltraRefiner(nn.Module):
-    """TransUNet + Refiner. ``cfg.end_to_end.coarse_grad_scale`` is the default gradient scale."""
+    """Coarse segmenter (any of :mod:`training.modeling.coarse_registry`) + Refiner.
+    ``cfg.end_to_end.coarse_grad_scale`` is the default gradient scale."""
 
-    def __init__(self, coarse: TransUNet, refiner: Refiner, cfg: TrainingConfig) -> None:
+    def __init__(self, coarse: nn.Module, refiner: Refiner, cfg: TrainingConfig) -> None:
         super().__init__()
         self.coarse = coarse
         self.refiner = refiner

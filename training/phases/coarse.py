@@ -30,8 +30,8 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from training.checkpoints import initial_coarse_state, load_checkpoint, save_checkpoint
 from training.config import CoarseTrainConfig
 from training.evaluate import image_record, summarize
+from training.modeling.coarse_registry import build_coarse, load_coarse_pretrained
 from training.modeling.losses import coarse_loss
-from training.modeling.transunet import build_transunet, load_vit_npz
 from training.phases.context import (
     COARSE_DIR,
     LoadedSample,
@@ -194,19 +194,19 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     cfg, train_cfg = ctx.cfg, ctx.cfg.coarse
     fold_dir = ctx.phase_dir(COARSE_DIR) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
-    train_items = ctx.store.many(ctx.split.train_ids(fold))
+    train_items = ctx.store.many(ctx.train_ids(fold))
     val_items = ctx.store.many(ctx.split.val_ids(fold))
     if not train_items:
         raise ValueError(f"fold {fold} has no training images")
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.data.seed + fold)
-        model = build_transunet(cfg.transunet)
+        model = build_coarse(cfg)
     initial = initial_coarse_state(cfg)
     if initial is not None:  # fine-tuning from a bundle (init_from)
         model.load_state_dict(initial)
-    elif train_cfg.pretrained_npz is not None:
-        load_vit_npz(model, train_cfg.pretrained_npz)
+    else:
+        load_coarse_pretrained(model, cfg)
     model.to(ctx.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
@@ -421,6 +421,6 @@ def load_final_coarse(ctx: RunContext):
     path = ctx.output_dir / COARSE_DIR / "final.pt"
     if not path.is_file():
         return None
-    model = build_transunet(ctx.cfg.transunet)
+    model = build_coarse(ctx.cfg)
     model.load_state_dict(load_checkpoint(path)["model"])
     return model.to(ctx.device)

@@ -33,6 +33,7 @@ from training.checkpoints import load_checkpoint, save_checkpoint
 from training.config import TrainingConfig
 from training.data.datasets import Sample, load_image, load_mask
 from training.data.transforms import REFINER_INPUT_SIZE, Geometry, coarse_input, coarse_target, mask_to_tensor
+from training.modeling.coarse_registry import coarse_input_size
 
 log = logging.getLogger("training")
 
@@ -355,7 +356,7 @@ class SampleStore:
 
     def __init__(self, samples: Sequence[Sample], cfg: TrainingConfig) -> None:
         self.samples = {sample.id: sample for sample in samples}
-        self.coarse_size = cfg.transunet.img_size
+        self.coarse_size = coarse_input_size(cfg)
         self.refiner_size = REFINER_INPUT_SIZE[cfg.refiner.backbone]
         self._loaded: dict[str, LoadedSample] = {}
 
@@ -436,6 +437,17 @@ class RunContext:
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
+
+    def train_ids(self, fold: int) -> list[str]:
+        """The images a phase trains on in ``fold``: the split's training part, each image of a
+        pooled dataset ``data.pool_weight`` times (a handful of corrections beside hundreds of
+        public images would otherwise barely move the model)."""
+        ids = self.split.train_ids(fold)
+        weight = self.cfg.data.pool_weight
+        if not self.cfg.data.pooled or weight == 1:
+            return ids
+        pooled = [i for i in ids if self.store.samples[i].extra.get("pool")]
+        return ids + pooled * (weight - 1)
 
     def phase_dir(self, name: str) -> Path:
         path = self.output_dir / name

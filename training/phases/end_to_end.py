@@ -187,7 +187,7 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
     phase1_weights = {name: value.detach().clone() for name, value in model.coarse.named_parameters()}
 
     fold = final_fold_of(ctx)
-    train_items = ctx.store.many(ctx.split.train_ids(fold))
+    train_items = ctx.store.many(ctx.train_ids(fold))
     val_items = ctx.store.many(ctx.split.val_ids(fold))
     ctx.emit(
         "phase_start", phase=PHASE, extra={"fold": fold, "n_train": len(train_items), "n_val": len(val_items)}

@@ -353,7 +353,7 @@ def run_refiner_phase(ctx: RunContext) -> dict:
         ctx.warn(
             "no augmented masks found (phase augment not run): the refiner trains on real masks only", PHASE
         )
-    train_ids = [i for i in ctx.split.train_ids(fold) if masks.usable(i)]
+    train_ids = [i for i in ctx.train_ids(fold) if masks.usable(i)]
     val_ids = [i for i in ctx.split.val_ids(fold) if masks.usable(i)]
     if not train_ids:
         raise ValueError(
@@ -374,7 +374,9 @@ def run_refiner_phase(ctx: RunContext) -> dict:
 
     bank = EmbeddingBank(ctx, refiner)
     embed_stats = bank.precompute(
-        train_ids + val_ids + [i for i in ctx.split.test_ids], PHASE, progress_key=f"{PHASE}/embeddings"
+        list(dict.fromkeys([*train_ids, *val_ids, *ctx.split.test_ids])),
+        PHASE,
+        progress_key=f"{PHASE}/embeddings",
     )
     log.info(
         "embeddings: %d images, %d computed in %.1f s",

@@ -50,7 +50,7 @@ class Engine:
         self.check_device(getattr(predictor, "device", "cpu"))
         coarse = self.prepare_coarse(
             predictor.coarse,
-            int(predictor.config.transunet.in_channels),
+            int(predictor.coarse_channels),
             int(predictor.coarse_size),
             cache_dir,
         )

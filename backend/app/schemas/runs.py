@@ -28,6 +28,7 @@ from training.config import (
     ALL_PHASES,
     MAX_EPOCHS,
     AugmentConfig,
+    CoarseModel,
     CoarseTrainConfig,
     ConfigName,
     DataConfig,
@@ -86,6 +87,9 @@ class RunCreate(BaseModel):
     )
 
     config_name: ConfigName = Field(_TOP["config_name"].default, description=_TOP["config_name"].description)
+    coarse_model: CoarseModel = Field(
+        _TOP["coarse_model"].default, description=_TOP["coarse_model"].description
+    )
     phases: list[Phase] = Field(
         default_factory=lambda: list(ALL_PHASES), min_length=1, description=_TOP["phases"].description
     )
@@ -108,6 +112,12 @@ class RunCreate(BaseModel):
         description="Fine-tune: start from this registered model version's weights (see /api/models) "
         "instead of from scratch; the run evaluates it on its test split too, for before/after.",
     )
+    with_corrections: bool = Field(
+        False,
+        description="Also train on the corrections saved on this server (POST /api/corrections), "
+        "pooled with the dataset: data.pool_dataset = corrections, data.pool_root = the server's "
+        "corrections folder. Each is split on its own; the test report gives Dice per dataset.",
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset, split and folds.")
     transunet: TransUNetOverrides | None = Field(
         None,
@@ -128,13 +138,20 @@ class RunCreate(BaseModel):
         return phases
 
     def training_values(
-        self, *, output_dir: Path, cache_dir: Path, init_from: Path | None = None
+        self,
+        *,
+        output_dir: Path,
+        cache_dir: Path,
+        init_from: Path | None = None,
+        corrections_dir: Path | None = None,
     ) -> dict[str, Any]:
         """The ``TrainingConfig`` input this request stands for (validate it with ``model_validate``);
-        ``init_from`` is the bundle of ``init_model_id``, resolved by the caller."""
+        ``init_from`` is the bundle of ``init_model_id``, resolved by the caller, and
+        ``corrections_dir`` the server's corrections folder (for ``with_corrections``)."""
         given = self.model_dump(mode="json", exclude_unset=True)
         values: dict[str, Any] = {
             "config_name": self.config_name,
+            "coarse_model": self.coarse_model,
             "phases": list(self.phases),
             "device": self.device,
             "output_dir": str(output_dir),
@@ -151,6 +168,11 @@ class RunCreate(BaseModel):
             data["root"] = str(self.root)
         if self.folds is not None:
             data["folds"] = self.folds
+        if self.with_corrections:
+            if corrections_dir is None:
+                raise ValueError("with_corrections needs the server's corrections folder")
+            data["pool_dataset"] = "corrections"
+            data["pool_root"] = str(corrections_dir)
         if self.epochs is not None:
             for section in EPOCH_SECTIONS:
                 values[section].setdefault("epochs", self.epochs)
@@ -160,7 +182,12 @@ class RunCreate(BaseModel):
         return values
 
     def to_training_config(
-        self, *, output_dir: Path, cache_dir: Path, init_from: Path | None = None
+        self,
+        *,
+        output_dir: Path,
+        cache_dir: Path,
+        init_from: Path | None = None,
+        corrections_dir: Path | None = None,
     ) -> TrainingConfig:
         """Merge into a full :class:`TrainingConfig` (raises ``pydantic.ValidationError``).
 
@@ -168,7 +195,12 @@ class RunCreate(BaseModel):
         variable of the API process leaks into a stored run.
         """
         return TrainingConfig.model_validate(
-            self.training_values(output_dir=output_dir, cache_dir=cache_dir, init_from=init_from)
+            self.training_values(
+                output_dir=output_dir,
+                cache_dir=cache_dir,
+                init_from=init_from,
+                corrections_dir=corrections_dir,
+            )
         )
 
 

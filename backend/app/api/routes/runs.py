@@ -82,15 +82,36 @@ def _check_paths(body: RunCreate, settings: Settings) -> None:
     errors: list[dict[str, Any]] = []
     given = body.model_dump(exclude_unset=True)
     root_loc: tuple[str, ...] = ("root",) if body.root is not None else ("data", "root")
-    root = Path(body.root if body.root is not None else body.data.root).expanduser()
-    if not root.is_dir():
-        errors.append(_path_error(root_loc, root, "dataset root does not exist or is not a folder"))
-    elif settings.datasets_root is not None:
-        # Saved corrections are a dataset too, wherever their folder is.
-        allowed = [Path(settings.datasets_root).expanduser().resolve()]
-        allowed.append(Path(settings.corrections_dir).expanduser().resolve())
-        if not any(root.resolve().is_relative_to(folder) for folder in allowed):
-            errors.append(_path_error(root_loc, root, f"dataset root must lie under {allowed[0]}"))
+    roots = [(root_loc, Path(body.root if body.root is not None else body.data.root).expanduser())]
+    if body.data.pool_root is not None:
+        roots.append((("data", "pool_root"), Path(body.data.pool_root).expanduser()))
+    for loc, root in roots:
+        if not root.is_dir():
+            errors.append(_path_error(loc, root, "dataset root does not exist or is not a folder"))
+        elif settings.datasets_root is not None:
+            # Saved corrections are a dataset too, wherever their folder is.
+            allowed = [Path(settings.datasets_root).expanduser().resolve()]
+            allowed.append(Path(settings.corrections_dir).expanduser().resolve())
+            if not any(root.resolve().is_relative_to(folder) for folder in allowed):
+                errors.append(_path_error(loc, root, f"dataset root must lie under {allowed[0]}"))
+    if body.with_corrections and not (Path(settings.corrections_dir).expanduser() / "meta").is_dir():
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": ("body", "with_corrections"),
+                "msg": "no corrections have been saved on this server yet (POST /api/corrections)",
+                "input": True,
+            }
+        )
+    if body.with_corrections and body.data.pool_dataset is not None:
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": ("body", "with_corrections"),
+                "msg": "with_corrections and data.pool_dataset both name the pooled dataset: give one",
+                "input": True,
+            }
+        )
     files = {
         ("data", "split_file"): (given.get("data") or {}).get("split_file"),
         ("refiner", "checkpoint"): (given.get("refiner") or {}).get("checkpoint"),
@@ -154,7 +175,10 @@ def create_run(_: AdminDep, body: RunCreate, settings: SettingsDep, session: Ses
     init_from = _init_bundle_path(session, body.init_model_id)
     try:
         config = body.to_training_config(
-            output_dir=Path(settings.runs_dir) / "pending", cache_dir=settings.cache_dir, init_from=init_from
+            output_dir=Path(settings.runs_dir) / "pending",
+            cache_dir=settings.cache_dir,
+            init_from=init_from,
+            corrections_dir=Path(settings.corrections_dir),
         )
     except ValidationError as exc:
         raise _validation_error(_body_errors(exc)) from exc

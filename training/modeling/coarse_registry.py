@@ -1,0 +1,89 @@
+"""The coarse-segmenter registry: phase 1's network, chosen by name (``TrainingConfig.coarse_model``).
+
+Every place that builds, loads, exports or feeds a coarse segmenter goes through this module —
+checkpoints, the predictor, phases 1 and 3, the serving engines' ONNX export — so an architecture
+is added by registering it here with its own config section, beside the refiner backbones of
+:data:`training.modeling.refiner.REFINER_BACKBONES`.
+
+The contract of every coarse segmenter: ``B×C×S×S`` images in [0, 1] (``C`` =
+:func:`coarse_in_channels`, ``S`` = :func:`coarse_input_size`, from
+:func:`training.data.transforms.coarse_input`) → ``B×2×S×S`` logits (background, lesion).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from training.config import TrainingConfig
+
+
+@dataclass(frozen=True)
+class CoarseSpec:
+    """How one registered coarse segmenter is built and fed."""
+
+    #: The :class:`TrainingConfig` section holding this architecture's settings.
+    section: str
+    build: Callable[[TrainingConfig], nn.Module]
+    input_size: Callable[[TrainingConfig], int]
+    in_channels: Callable[[TrainingConfig], int]
+    #: Loads the user-supplied pretrained weights named by the run's config (phase 1), if any.
+    load_pretrained: Callable[[nn.Module, TrainingConfig], bool]
+
+
+def _build_transunet(cfg: TrainingConfig) -> nn.Module:
+    from training.modeling.transunet import build_transunet
+
+    return build_transunet(cfg.transunet)
+
+
+def _transunet_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
+    if cfg.coarse.pretrained_npz is None:
+        return False
+    from training.modeling.transunet import load_vit_npz
+
+    load_vit_npz(model, Path(cfg.coarse.pretrained_npz))
+    return True
+
+
+#: Coarse-segmenter name → how to build it. ``transunet``: the method's TransUNet (``compact`` or
+#: ``full``, optionally initialised from the user's ImageNet-21k ``R50+ViT-B_16.npz``).
+COARSE_SEGMENTERS: dict[str, CoarseSpec] = {
+    "transunet": CoarseSpec(
+        section="transunet",
+        build=_build_transunet,
+        input_size=lambda cfg: int(cfg.transunet.img_size),
+        in_channels=lambda cfg: int(cfg.transunet.in_channels),
+        load_pretrained=_transunet_pretrained,
+    ),
+}
+
+
+def coarse_spec(cfg: TrainingConfig) -> CoarseSpec:
+    name = cfg.coarse_model
+    if name not in COARSE_SEGMENTERS:
+        raise ValueError(f"unknown coarse segmenter {name!r}; known: {sorted(COARSE_SEGMENTERS)}")
+    return COARSE_SEGMENTERS[name]
+
+
+def build_coarse(cfg: TrainingConfig) -> nn.Module:
+    """The coarse segmenter ``cfg.coarse_model`` names, with the architecture of its section
+    (randomly initialised: seed the global RNG first for reproducible weights)."""
+    return coarse_spec(cfg).build(cfg)
+
+
+def coarse_input_size(cfg: TrainingConfig) -> int:
+    """Side ``S`` of the square image the coarse segmenter reads."""
+    return coarse_spec(cfg).input_size(cfg)
+
+
+def coarse_in_channels(cfg: TrainingConfig) -> int:
+    return coarse_spec(cfg).in_channels(cfg)
+
+
+def load_coarse_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
+    """Load the pretrained weights ``cfg`` names for its coarse segmenter; whether any were."""
+    return coarse_spec(cfg).load_pretrained(model, cfg)
