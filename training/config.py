@@ -126,6 +126,14 @@ class RefinerConfig(_Strict):
     gate_init_bias: float = Field(
         3.0, description="Initial gate bias of the gated residual: sigmoid(3) ≈ 0.95, near the refiner."
     )
+    blank_image_std: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Inference: an image whose gray standard deviation is below this fraction of its "
+        "full scale (255 for 8-bit) is blank (a black frame, a flat test pattern): no lesion, and "
+        "neither network runs unless a clinician gave prompts. 0: off.",
+    )
     refine_empty_coarse: bool = Field(
         False,
         description="Inference: refine even when the coarse mask finds no lesion (off: the refiner "

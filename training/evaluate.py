@@ -27,6 +27,26 @@ from training.modeling.losses import dice_score
 THRESHOLD = 0.5
 
 
+def coarse_finds_lesion(coarse_probs, valid=None, threshold: float = THRESHOLD) -> bool:
+    """Whether a coarse probability map (any shape; refiner space with its ``valid`` mask of the
+    same shape, which excludes the padding) has a lesion pixel: at least ``threshold``."""
+    if valid is not None:
+        coarse_probs = coarse_probs * valid
+    return bool(coarse_probs.max() >= threshold)
+
+
+def served_refined(
+    refined: np.ndarray, coarse: np.ndarray, coarse_found_lesion: bool, refiner_cfg
+) -> np.ndarray:
+    """The refined mask the serving path (:class:`training.inference.Predictor`) returns for these
+    native-resolution probabilities: the refiner's, except that with ``refine_empty_coarse`` off a
+    coarse mask without a lesion is returned as it is (the refiner refines, it does not detect).
+    Validation of phases 2b and 3 scores the same rule, so a best epoch is chosen on what users get."""
+    if coarse_found_lesion or refiner_cfg.refine_empty_coarse:
+        return refined
+    return coarse
+
+
 def image_record(
     sample_id: str,
     label: str,

@@ -31,7 +31,8 @@ from training.checkpoints import (
     validate_bundle,
 )
 from training.config import TrainingConfig
-from training.data.transforms import Geometry, coarse_input, refiner_input
+from training.data.transforms import Geometry, coarse_input, is_blank, refiner_input, to_gray
+from training.evaluate import coarse_finds_lesion
 from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
 
 
@@ -201,6 +202,13 @@ class Predictor:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         computed = None
+        if points is None and box is None and is_blank(image, self.config.refiner.blank_image_std):
+            # A uniform frame has no lesion: answered before any network runs (and not refined).
+            if point_labels is not None:
+                raise ValueError("point_labels given without points")
+            empty = np.zeros(to_gray(image).shape, dtype=np.float32)
+            timings["total"] = (time.perf_counter() - started) * 1000.0
+            return Prediction(coarse_probs=empty, refined_probs=empty.copy(), iou=0.0, timings_ms=timings)
         with torch.inference_mode():
             coarse_image = coarse_input(image, self.coarse_size).to(self.device)[None]  # 1×1×S×S
             refiner_image, geometry = refiner_input(image, self.backbone)
@@ -218,7 +226,7 @@ class Predictor:
                 coarse_logits, size=(geometry.height, geometry.width), mode="bilinear", align_corners=False
             )
             coarse_probs = coarse_logits_native.softmax(dim=1)[0, 1]
-            coarse_found_lesion = bool((coarse_probs_refiner * valid).max() >= 0.5)
+            coarse_found_lesion = coarse_finds_lesion(coarse_probs_refiner, valid)
             if override is None and not coarse_found_lesion and not self.refiner.cfg.refine_empty_coarse:
                 # The refiner refines, it does not detect: no coarse lesion → nothing to refine,
                 # and the image encoder is not even run.

@@ -165,3 +165,36 @@ def test_refine_empty_coarse_setting_and_clinician_prompts_still_refine(
     monkeypatch.setattr(predictor.refiner.cfg, "refine_empty_coarse", True)
     forced = predictor.predict(image, embedding=embedding)
     assert {"points", "point_labels", "box"} <= set(forced.prompts)
+
+
+def test_a_blank_frame_has_no_lesion_and_runs_no_network(predictor, image, monkeypatch):
+    from training.data.transforms import full_scale, is_blank
+
+    assert full_scale(np.zeros((4, 4), np.uint8)) == 255
+    assert full_scale(np.full((4, 4), 3000, np.uint16)) == 4095  # 12-bit data in 16-bit words
+    assert full_scale(np.full((4, 4), 0.5, np.float32)) == 1.0
+    rng = np.random.default_rng(0)
+    faint = np.clip(rng.normal(20, 1.0, (60, 80)), 0, 255).astype(np.uint8)  # std ≈ 1 of 255
+    assert is_blank(np.zeros((60, 80), np.uint8), 0.01) and is_blank(faint, 0.01)
+    assert not is_blank(image, 0.01) and not is_blank(np.zeros((60, 80), np.uint8), 0.0)
+
+    calls = []
+    monkeypatch.setattr(predictor.coarse, "forward", lambda *a: calls.append("coarse"))
+    monkeypatch.setattr(predictor.refiner, "encode", lambda *a: calls.append("encoder"))
+    for frame in (np.zeros((60, 80), np.uint8), np.zeros((60, 80, 3), np.uint8), faint):
+        result = predictor.predict(frame)
+        assert result.coarse_probs.shape == (60, 80) and not result.coarse_mask().any()
+        assert not result.refined_mask().any() and result.iou == 0.0 and result.embedding is None
+    assert calls == []
+    with pytest.raises(ValueError, match="point_labels given without points"):
+        predictor.predict(np.zeros((60, 80), np.uint8), point_labels=[1])
+
+
+def test_a_blank_frame_with_clinician_prompts_is_refined_as_asked(predictor):
+    black = np.zeros((60, 80), np.uint8)
+    result = predictor.predict(black, box=[10, 10, 40, 40])
+    assert result.prompts.get("box") is not None  # the refiner ran on the clinician's box
+    off = predictor.config.model_copy(deep=True)
+    off.refiner.blank_image_std = 0.0
+    unguarded = Predictor(predictor.coarse, predictor.refiner, off, model_version="x").predict(black)
+    assert "coarse" in unguarded.timings_ms  # rule off: the networks run

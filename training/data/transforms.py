@@ -45,6 +45,28 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def full_scale(image: np.ndarray) -> float:
+    """The intensity a white pixel of ``image`` has: 255 for 8-bit; for other integer data the
+    smallest ``2^b − 1`` that holds its maximum (12-bit DICOM: 4095); for floats 1 or the maximum."""
+    array = np.asarray(image)
+    peak = float(array.max()) if array.size else 0.0
+    if np.issubdtype(array.dtype, np.integer):
+        if array.dtype.itemsize == 1:
+            return 255.0
+        return float(2 ** max(8, int(np.ceil(np.log2(max(peak, 1.0) + 1)))) - 1)
+    return max(1.0, peak)
+
+
+def is_blank(image: np.ndarray, min_std: float) -> bool:
+    """Whether ``image`` is (near) uniform: its gray standard deviation is below ``min_std`` of its
+    :func:`full_scale` (a black frame, a flat test pattern). Such an image has no lesion to find,
+    and min-max scaling would only blow its noise up into a texture. ``min_std`` 0: never."""
+    if min_std <= 0:
+        return False
+    gray = to_gray(image)
+    return float(gray.std()) < min_std * full_scale(image)
+
+
 def min_max(gray: np.ndarray | torch.Tensor):
     """Rescale to [0, 1]; a constant image becomes all zeros."""
     low, high = gray.min(), gray.max()

@@ -132,8 +132,8 @@ def coarse_batch(items: list[LoadedSample], device: torch.device) -> tuple[torch
 
 
 @torch.no_grad()
-def predict_coarse_probs(model: torch.nn.Module, items: list[LoadedSample], device, batch_size: int):
-    """``(coarse_logits B×2×S×S, …)`` of ``items`` in batches → list of ``2×S×S`` CPU logits."""
+def predict_coarse_logits(model: torch.nn.Module, items: list[LoadedSample], device, batch_size: int):
+    """The ``2×S×S`` coarse logits (CPU, float32) of each of ``items``, computed in batches."""
     model.eval()
     logits_list = []
     for start in range(0, len(items), batch_size):
@@ -150,7 +150,7 @@ def native_coarse_probs(coarse_logits: torch.Tensor, height: int, width: int) ->
 
 def validate_coarse(model, items: list[LoadedSample], ctx: RunContext, batch_size: int):
     """Evaluation-protocol report of the coarse model on ``items`` and their ``1×S×S`` probabilities."""
-    logits_list = predict_coarse_probs(model, items, ctx.device, batch_size)
+    logits_list = predict_coarse_logits(model, items, ctx.device, batch_size)
     records, probs = [], {}
     losses = []
     for item, logits in zip(items, logits_list, strict=True):

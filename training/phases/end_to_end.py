@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from training.checkpoints import save_checkpoint
-from training.evaluate import image_record, summarize
+from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
 from training.modeling.losses import coarse_loss, quality_aware_loss
 from training.modeling.ultrarefiner import UltraRefiner
 from training.phases.coarse import load_final_coarse, native_coarse_probs
@@ -158,14 +158,18 @@ def validate_joint(
             refined = torch.sigmoid(
                 item.geometry.from_refiner(outputs["refined_logits"][index : index + 1].float())
             )
+            found = coarse_finds_lesion(outputs["refiner_coarse_probs"][index], outputs["valid"][index])
+            served = served_refined(refined[0, 0].cpu().numpy(), coarse, found, model.refiner.cfg)
             records.append(
                 image_record(
                     item.id,
                     item.sample.label,
                     item.mask,
                     coarse,
-                    refined[0, 0].cpu().numpy(),
-                    iou=float(outputs["selected_iou"][index]),
+                    served,
+                    iou=float(outputs["selected_iou"][index])
+                    if found or model.refiner.cfg.refine_empty_coarse
+                    else 0.0,
                 )
             )
     return summarize(records)

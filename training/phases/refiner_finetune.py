@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from training.checkpoints import initial_refiner, load_checkpoint, save_checkpoint
 from training.data.transforms import refiner_input
-from training.evaluate import image_record, summarize
+from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
 from training.modeling.losses import quality_aware_loss
 from training.modeling.refiner import Refiner
 from training.phases.coarse import load_out_of_fold_probs
@@ -294,14 +294,18 @@ def validate_refiner(
             refined = torch.sigmoid(
                 item.geometry.from_refiner(output.refined_logits[index : index + 1].float())
             )
+            found = coarse_finds_lesion(coarse[index], valid[index])
+            served = served_refined(refined[0, 0].cpu().numpy(), coarse_native[item.id], found, refiner.cfg)
             records.append(
                 image_record(
                     item.id,
                     item.sample.label,
                     item.mask,
                     coarse_native[item.id],
-                    refined[0, 0].cpu().numpy(),
-                    iou=float(output.selected_iou[index]),
+                    served,
+                    iou=float(output.selected_iou[index])
+                    if found or refiner.cfg.refine_empty_coarse
+                    else 0.0,
                 )
             )
     return summarize(records)
