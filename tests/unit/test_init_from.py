@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -48,9 +50,32 @@ def test_a_run_starts_from_the_bundle_and_reports_before_and_after(
     assert before["n_images"] == after["n_images"] > 0
     assert tuned["metrics"]["init_from"]["model_version"] == start["model_version"]
     assert (tmp_path / "run" / "evaluation_test_baseline.json").is_file()
+    # The starting weights are the fold's first candidate (epoch -1): an epoch that validates no
+    # better (here: a no-op step) never replaces them.
+    fold = json.loads((tmp_path / "run" / "coarse" / "fold0" / "summary.json").read_text())
+    assert fold["history"][0]["epoch"] == -1 and fold["history"][0]["start"] is True
+    assert fold["best_epoch"] == -1
+    assert [entry["epoch"] for entry in fold["history"]] == [-1, 0]
 
 
 def test_a_missing_init_bundle_is_a_clear_error(tiny_training_config, tmp_path):
     cfg = tiny_training_config(phases=["coarse"], init_from=tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="init_from: no bundle at"):
         run_training(cfg)
+
+
+def test_a_fine_tuned_refiner_that_validates_no_better_keeps_the_starting_weights(
+    tmp_path, tiny_training_config, start_bundle, fast_refiner_encoder
+):
+    cfg = tiny_training_config(
+        phases=["coarse", "augment", "refiner"],
+        init_from=start_bundle,
+        coarse={"epochs": 1, "lr": 1e-12},
+        refiner_train={"epochs": 1, "lr": 1e-12},
+    )
+    summary = run_training(cfg)
+    refiner = json.loads((tmp_path / "run" / "refiner" / "summary.json").read_text())
+    assert refiner["best_epoch"] == -1
+    start, tuned = load_bundle(start_bundle), load_bundle(summary["bundle_path"])
+    for name, tensor in start["refiner_state_dict"].items():
+        assert torch.equal(tuned["refiner_state_dict"][name], tensor), name

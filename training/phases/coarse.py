@@ -242,6 +242,24 @@ def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
         epochs=train_cfg.epochs,
         extra={"n_train": len(train_items), "n_val": len(val_items)},
     )
+    if initial is not None and start_epoch == 0 and start_step == 0:
+        # Fine-tuning: the starting weights are the first candidate (epoch -1), so a fold never
+        # keeps a model that validates worse than the one the run was given.
+        report, val_probs = validate_coarse(model, val_items, ctx, train_cfg.batch_size)
+        dice = report["dice_coarse"]
+        history.append({"epoch": -1, "val_dice": dice, "val_loss": report["loss"], "start": True})
+        train_state.best = {"epoch": -1, "dice": dice, "dice_score": -1.0 if dice is None else dice}
+        save_checkpoint(
+            fold_dir / "best.pt",
+            phase=PHASE,
+            fold=fold,
+            epoch=-1,
+            dice=dice,
+            model=model.state_dict(),
+            config=cfg.model_dump(mode="json"),
+        )
+        save_checkpoint(fold_dir / "oof_probs.pt", fold=fold, epoch=-1, probs=val_probs)
+        log.info("coarse fold %d: the starting model validates at %s", fold, dice)
     for epoch in range(start_epoch, train_cfg.epochs):
         model.train()
         order = epoch_order(cfg.data.seed, 100 + fold, epoch, len(train_items))

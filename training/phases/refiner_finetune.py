@@ -425,6 +425,24 @@ def run_refiner_phase(ctx: RunContext) -> dict:
                 "dice_refined": baseline["dice_refined"],
             },
         )
+        if cfg.init_from is not None:
+            # Fine-tuning: the weights the run started from are a candidate too (epoch -1), so a
+            # run never keeps a refiner that validates worse than the one it was given.
+            score = -1.0 if baseline["dice_refined"] is None else baseline["dice_refined"]
+            train_state.best = {
+                "epoch": -1,
+                "dice": baseline["dice_refined"],
+                "dice_score": score,
+                "dice_coarse": baseline["dice_coarse"],
+            }
+            save_checkpoint(
+                phase_dir / "best.pt",
+                phase=PHASE,
+                epoch=-1,
+                dice=baseline["dice_refined"],
+                refiner=refiner.trainable_state_dict(),
+                config=cfg.model_dump(mode="json"),
+            )
     train_state.start_clock()
 
     def save_last(epoch: int, step: int) -> None:

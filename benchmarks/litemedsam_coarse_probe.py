@@ -1,0 +1,316 @@
+"""Issue 16 probe: a coarse head on the refiner's own frozen LiteMedSAM encoder; prints JSON.
+
+One validation fold of ``models/default_split.json`` (never its test split). Each training and
+validation image goes once through the frozen TinyViT of the refiner (in the refiner's input
+space: letterboxed 256², the same pass serving already makes), keeping two of its feature maps —
+stage 1 (160 × 64², the last high-resolution stage) and the neck (256 × 64², the embedding the
+refiner decodes) — for the image and its left-right mirror. A small head then trains on those
+cached features plus an image path (two convolutions on the 256² input, at 128²), with a
+lesion-present output so that lesion-free images can come back empty:
+
+    stage 1 ─1×1─┐
+                 ├─ 3×3 ─ 3 dilated residual blocks (1, 2, 4) ─┬─ presence: avg+max pool → 1 logit
+    neck ───1×1─┘                                               └─ ×2 ⊕ image path (128²) ─ 1 logit/px ─ ×2
+
+The head's masks are scored like phase 1 (per image at native resolution, lesion images of the
+fold; false-positive rate on its lesion-free images) and, refined by the shipped model's refiner
+with the prompts derived from them, like the served path. The shipped TransUNet's numbers on the
+same fold are reported beside them.
+
+    python benchmarks/litemedsam_coarse_probe.py [--fold 0] [--epochs 30] [--width 96] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import REPO_ROOT, SHARED_DATA_ROOT
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return sorted(f for f in flags if f.startswith(("avx", "amx")))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.norm1 = nn.GroupNorm(8, width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(x + self.norm2(self.conv2(y)))
+
+
+class Head(nn.Module):
+    """Cached encoder features (+ the refiner input image) → mask logits 1×256² and a presence logit."""
+
+    def __init__(self, width: int = 96) -> None:
+        super().__init__()
+        self.stage1 = nn.Conv2d(160, width, 1)
+        self.neck = nn.Conv2d(256, width, 1)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(2 * width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU()
+        )
+        self.context = nn.Sequential(*(Block(width, d) for d in (1, 2, 4)))
+        self.presence = nn.Linear(2 * width, 1)
+        self.image = nn.Sequential(  # the refiner input at 128²: edges the 64² features lack
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(16, 16, 3, padding=1), nn.GELU()
+        )
+        self.up = nn.Sequential(nn.Conv2d(width + 16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.GELU())
+        self.out = nn.Conv2d(32, 1, 1)
+
+    def forward(self, stage1, neck, image):
+        x = self.fuse(torch.cat([self.stage1(stage1), self.neck(neck)], 1))
+        x = self.context(x)
+        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+        presence = self.presence(pooled)[:, 0]
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.out(self.up(torch.cat([x, self.image(image)], 1)))
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), presence
+
+
+def encode(encoder, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TinyViT on ``B×3×256²`` → (stage-1 ``B×160×64²``, neck ``B×256×64²``), float16."""
+    x = encoder.patch_embed(image)
+    x = encoder.layers[0](x)
+    x = encoder.layers[1](x)
+    stage1 = x.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2)
+    for layer in encoder.layers[2:]:
+        x = layer(x)
+    neck = encoder.neck(x.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2))
+    return stage1.half(), neck.half()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI")
+    parser.add_argument("--split-file", type=Path, default=REPO_ROOT / "models" / "default_split.json")
+    parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "models" / "default.pt")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="Only N training and N validation images (a smoke run).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--busbra-root",
+        type=Path,
+        default=SHARED_DATA_ROOT / "BUSBRA-sample",
+        help="Ultrasound from another hospital and scanner, scored too (a look, not a decision).",
+    )
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    bf16 = "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
+
+    from training.data.datasets import list_samples, load_image, load_mask
+    from training.data.splits import Split
+    from training.data.transforms import refiner_input
+    from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
+    from training.inference import Predictor
+
+    split = Split.load(args.split_file)
+    samples = list_samples("busi", args.root)
+    train = split.train_ids(args.fold)
+    val = split.val_ids(args.fold)
+    if args.limit:
+        train, val = train[: args.limit], val[: args.limit]
+    by_id = {s.id: s for s in samples}
+    other = list_samples("busbra", args.busbra_root) if args.busbra_root.is_dir() else []
+    by_id.update({f"busbra:{s.id}": s for s in other})
+    other_ids = [f"busbra:{s.id}" for s in other]
+    predictor = Predictor.from_bundle(args.bundle)
+    encoder = predictor.refiner.image_encoder.eval()
+
+    started = time.monotonic()
+    cache: dict[str, dict] = {}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for sample_id in [*train, *val, *other_ids]:
+            sample = by_id[sample_id]
+            image = load_image(sample.image_path)
+            mask = load_mask(sample)
+            refiner_image, geometry = refiner_input(image, "litemedsam")
+            target = (
+                geometry.to_refiner(torch.from_numpy(mask.astype(np.float32))[None, None]) >= 0.5
+            ).float()
+            views = [refiner_image[None]]
+            if sample_id in train:
+                views.append(refiner_image[None].flip(-1))
+            features = [encode(encoder, view) for view in views]
+            cache[sample_id] = {
+                "image": refiner_image.half(),
+                "target": target[0].half(),
+                "features": features,
+                "geometry": geometry,
+                "mask": mask,
+                "label": sample.label,
+                "native": image,
+            }
+    encode_s = time.monotonic() - started
+
+    head = Head(args.width)
+    parameters = sum(p.numel() for p in head.parameters())
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * math.ceil(len(train) / args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1
+    )
+
+    def batch(ids: list[str], flips: list[bool]):
+        stage1, neck, images, targets = [], [], [], []
+        for sample_id, flip in zip(ids, flips, strict=True):
+            entry = cache[sample_id]
+            s1, nk = entry["features"][1 if flip else 0]
+            image, target = entry["image"][None].float(), entry["target"][None].float()
+            if flip:
+                image, target = image.flip(-1), target.flip(-1)
+            stage1.append(s1.float())
+            neck.append(nk.float())
+            images.append(image)
+            targets.append(target)
+        return torch.cat(stage1), torch.cat(neck), torch.cat(images), torch.cat(targets)
+
+    def predict(sample_id: str) -> tuple[torch.Tensor, float]:
+        entry = cache[sample_id]
+        s1, nk = entry["features"][0]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, presence = head(s1.float(), nk.float(), entry["image"][None].float())
+        return torch.sigmoid(logits.float()), float(torch.sigmoid(presence.float())[0])
+
+    def validate(refine: bool = False, ids: list[str] | None = None) -> dict:
+        head.eval()
+        records, refined_records = [], []
+        for sample_id in val if ids is None else ids:
+            entry = cache[sample_id]
+            probs, presence = predict(sample_id)
+            if presence < 0.5:
+                probs = torch.zeros_like(probs)
+            geometry = entry["geometry"]
+            native = geometry.from_refiner(probs)[0, 0].numpy()
+            records.append(image_record(sample_id, entry["label"], entry["mask"], native))
+            if refine:
+                valid = geometry.valid_mask()
+                found = coarse_finds_lesion(probs, valid)
+                refined = native
+                if found:
+                    with torch.inference_mode():
+                        output = predictor.refiner(entry["features"][0][1].float(), probs, valid=valid)
+                    refined = torch.sigmoid(geometry.from_refiner(output.refined_logits.float()))[
+                        0, 0
+                    ].numpy()
+                served = served_refined(refined, native, found, predictor.refiner.cfg)
+                refined_records.append(image_record(sample_id, entry["label"], entry["mask"], native, served))
+        head.train()
+        report = summarize(records)
+        result = {"dice": report["dice_coarse"], "fp_rate": report["normal"]["fp_rate_coarse"]}
+        if refine:
+            refined_report = summarize(refined_records)
+            result.update(
+                dice_refined=refined_report["dice_refined"],
+                fp_rate_refined=refined_report["normal"]["fp_rate_refined"],
+            )
+        return result
+
+    history, best, best_state = [], None, None
+    started = time.monotonic()
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        head.train()
+        order = torch.randperm(len(train), generator=generator).tolist()
+        losses = []
+        for start in range(0, len(order), args.batch_size):
+            ids = [train[i] for i in order[start : start + args.batch_size]]
+            flips = (torch.rand(len(ids), generator=generator) < 0.5).tolist()
+            stage1, neck, images, targets = batch(ids, flips)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits, presence = head(stage1, neck, images)
+            logits, presence = logits.float(), presence.float()
+            present = (targets.flatten(1).amax(1) > 0).float()
+            probs = torch.sigmoid(logits)
+            inter = (probs * targets).flatten(1).sum(1)
+            dice = 1 - (2 * inter + 1) / (probs.flatten(1).sum(1) + targets.flatten(1).sum(1) + 1)
+            dice = (dice * present).sum() / present.sum().clamp(min=1)
+            loss = F.binary_cross_entropy_with_logits(logits, targets) + dice
+            loss = loss + 0.5 * F.binary_cross_entropy_with_logits(presence, present)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss))
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), **validate()}
+        history.append(entry)
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+        if best is None or (entry["dice"] or 0) > (best["dice"] or 0):
+            best = entry
+            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    train_s = time.monotonic() - started
+    head.load_state_dict(best_state)
+    final = validate(refine=True)
+    final_other = validate(refine=True, ids=other_ids) if other_ids else None
+
+    # The shipped model on the same fold: its coarse TransUNet and the served refined mask.
+    from training.evaluate import evaluate
+
+    shipped = evaluate(predictor, [by_id[i] for i in val], phase=None)
+    shipped_other = evaluate(predictor, other, phase=None) if other else None
+
+    def brief(report):
+        if report is None:
+            return None
+        return {
+            "dice_coarse": report["dice_coarse"],
+            "dice_refined": report["dice_refined"],
+            "fp_rate_coarse": report["normal"]["fp_rate_coarse"],
+            "fp_rate_refined": report["normal"]["fp_rate_refined"],
+        }
+
+    report = {
+        "machine": platform.machine(),
+        "cpu_flags": _cpu_flags(),
+        "bf16_autocast": bf16,
+        "fold": args.fold,
+        "n_train": len(train),
+        "n_val": len(val),
+        "head_parameters": parameters,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "encode_s": round(encode_s, 1),
+        "train_s": round(train_s, 1),
+        "best_epoch": best["epoch"],
+        "head_val": final,
+        "shipped_val": brief(shipped),
+        "head_busbra_sample": final_other,
+        "shipped_busbra_sample": brief(shipped_other),
+        "history": history,
+    }
+    json.dump(report, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
