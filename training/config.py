@@ -190,9 +190,17 @@ class DataConfig(_Strict):
         return self.pool_dataset is not None
 
     @property
+    def pool_name(self) -> str | None:
+        """The pooled dataset's name in reports: ``pool_dataset``, or ``<name>-pooled`` when both
+        datasets have the same layout (two BUS-BRA roots), so their figures never merge."""
+        if self.pool_dataset is None:
+            return None
+        return self.pool_dataset if self.pool_dataset != self.dataset else f"{self.pool_dataset}-pooled"
+
+    @property
     def name(self) -> str:
         """``busi`` or, pooled, ``busi+corrections``: the name a split and a report carry."""
-        return self.dataset if self.pool_dataset is None else f"{self.dataset}+{self.pool_dataset}"
+        return self.dataset if self.pool_dataset is None else f"{self.dataset}+{self.pool_name}"
 
 
 class CoarseTrainConfig(_Strict):

@@ -260,7 +260,7 @@ def evaluate_test_split(ctx: RunContext, bundle: dict, *, stage: str = "final") 
             sample_id for sample_id in ctx.split.test_ids if is_pool_sample(ctx.store.samples[sample_id])
         }
         report["by_dataset"] = by_dataset(
-            report, lambda sample_id: data.pool_dataset if sample_id in pooled else data.dataset
+            report, lambda sample_id: data.pool_name if sample_id in pooled else data.dataset
         )
         for name, part in report["by_dataset"].items():
             log.info("test split, %s: %s", name, format_report(part))

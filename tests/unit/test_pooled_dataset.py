@@ -46,6 +46,8 @@ def test_pool_fields_go_together_and_name_other_data(synthetic_busi_root, correc
     data = DataConfig(root=synthetic_busi_root, pool_dataset="corrections", pool_root=corrections_root)
     assert data.pooled and data.name == "busi+corrections"
     assert not DataConfig().pooled and DataConfig().name == "busi"
+    two_roots = DataConfig(root=synthetic_busi_root, pool_dataset="busi", pool_root=corrections_root)
+    assert two_roots.pool_name == "busi-pooled" and two_roots.name == "busi+busi-pooled"
 
 
 def test_pooled_samples_are_prefixed_and_marked(corrections_root):
