@@ -35,6 +35,12 @@ def coarse_finds_lesion(coarse_probs, valid=None, threshold: float = THRESHOLD) 
     return bool(coarse_probs.max() >= threshold)
 
 
+def refines_coarse(coarse_found_lesion: bool, refiner_cfg) -> bool:
+    """Whether the serving path refines a coarse mask: when it found a lesion, or always with
+    ``refine_empty_coarse`` (the refiner refines, it does not detect)."""
+    return coarse_found_lesion or refiner_cfg.refine_empty_coarse
+
+
 def served_refined(
     refined: np.ndarray, coarse: np.ndarray, coarse_found_lesion: bool, refiner_cfg
 ) -> np.ndarray:
@@ -42,9 +48,7 @@ def served_refined(
     native-resolution probabilities: the refiner's, except that with ``refine_empty_coarse`` off a
     coarse mask without a lesion is returned as it is (the refiner refines, it does not detect).
     Validation of phases 2b and 3 scores the same rule, so a best epoch is chosen on what users get."""
-    if coarse_found_lesion or refiner_cfg.refine_empty_coarse:
-        return refined
-    return coarse
+    return refined if refines_coarse(coarse_found_lesion, refiner_cfg) else coarse
 
 
 def image_record(

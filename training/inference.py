@@ -32,7 +32,7 @@ from training.checkpoints import (
 )
 from training.config import TrainingConfig
 from training.data.transforms import Geometry, coarse_input, is_blank, refiner_input, to_gray
-from training.evaluate import coarse_finds_lesion
+from training.evaluate import coarse_finds_lesion, refines_coarse
 from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
 
 
@@ -227,7 +227,7 @@ class Predictor:
             )
             coarse_probs = coarse_logits_native.softmax(dim=1)[0, 1]
             coarse_found_lesion = coarse_finds_lesion(coarse_probs_refiner, valid)
-            if override is None and not coarse_found_lesion and not self.refiner.cfg.refine_empty_coarse:
+            if override is None and not refines_coarse(coarse_found_lesion, self.refiner.cfg):
                 # The refiner refines, it does not detect: no coarse lesion → nothing to refine,
                 # and the image encoder is not even run.
                 refined_probs, iou, prompts = coarse_probs, 0.0, {}

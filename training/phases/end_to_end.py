@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from training.checkpoints import save_checkpoint
-from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
+from training.evaluate import coarse_finds_lesion, image_record, refines_coarse, served_refined, summarize
 from training.modeling.losses import coarse_loss, quality_aware_loss
 from training.modeling.ultrarefiner import UltraRefiner
 from training.phases.coarse import load_final_coarse, native_coarse_probs
@@ -168,7 +168,7 @@ def validate_joint(
                     coarse,
                     served,
                     iou=float(outputs["selected_iou"][index])
-                    if found or model.refiner.cfg.refine_empty_coarse
+                    if refines_coarse(found, model.refiner.cfg)
                     else 0.0,
                 )
             )

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from training.checkpoints import initial_refiner, load_checkpoint, save_checkpoint
 from training.data.transforms import refiner_input
-from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
+from training.evaluate import coarse_finds_lesion, image_record, refines_coarse, served_refined, summarize
 from training.modeling.losses import quality_aware_loss
 from training.modeling.refiner import Refiner
 from training.phases.coarse import load_out_of_fold_probs
@@ -303,9 +303,7 @@ def validate_refiner(
                     item.mask,
                     coarse_native[item.id],
                     served,
-                    iou=float(output.selected_iou[index])
-                    if found or refiner.cfg.refine_empty_coarse
-                    else 0.0,
+                    iou=float(output.selected_iou[index]) if refines_coarse(found, refiner.cfg) else 0.0,
                 )
             )
     return summarize(records)
