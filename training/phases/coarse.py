@@ -37,13 +37,11 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
-    TrainState,
-    batches,
-    epoch_order,
     read_json,
     step_generator,
     write_json,
 )
+from training.phases.loop import LoopPhase, Validation, run_epochs
 
 log = logging.getLogger("training.coarse")
 PHASE = "coarse"
@@ -189,181 +187,153 @@ def plan(ctx: RunContext) -> None:
         ctx.progress.add(_fold_key(fold), ctx.cfg.coarse.epochs)
 
 
+class CoarseFold(LoopPhase):
+    """One fold of phase 1 as the training loop drives it."""
+
+    phase = PHASE
+    main_loss = "train"
+
+    def __init__(self, ctx: RunContext, fold: int) -> None:
+        cfg, train_cfg = ctx.cfg, ctx.cfg.coarse
+        self.ctx, self.cfg, self.train_cfg = ctx, cfg, train_cfg
+        self.fold = fold
+        self.fold_dir = ctx.phase_dir(COARSE_DIR) / f"fold{fold}"
+        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        self.train_items = ctx.store.many(ctx.train_ids(fold))
+        self.val_items = ctx.store.many(ctx.split.val_ids(fold))
+        if not self.train_items:
+            raise ValueError(f"fold {fold} has no training images")
+        self.epochs, self.batch_size, self.order_tag = train_cfg.epochs, train_cfg.batch_size, 100 + fold
+        self.last_path, self.progress_key = self.fold_dir / "last.pt", _fold_key(fold)
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.data.seed + fold)
+            self.model = build_coarse(cfg)
+        initial = initial_coarse_state(cfg)
+        if initial is not None:  # fine-tuning from a bundle (init_from): its weights are epoch -1
+            self.model.load_state_dict(initial)
+        else:
+            load_coarse_pretrained(self.model, cfg)
+        self.start_is_candidate = initial is not None
+        self.model.to(ctx.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=train_cfg.lr,
+            momentum=train_cfg.momentum,
+            weight_decay=train_cfg.weight_decay,
+        )
+        steps_per_epoch = math.ceil(len(self.train_items) / train_cfg.batch_size)
+        self.schedule = StepSchedule(
+            self.optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
+        )
+        self.val_probs: dict[str, torch.Tensor] = {}
+
+    def n_items(self) -> int:
+        return len(self.train_items)
+
+    def load(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def start(self) -> Validation | None:
+        return self._validation() if self.start_is_candidate else None
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.model.train()
+
+    def train_step(self, epoch: int, step: int, indices: list[int]) -> dict[str, float]:
+        images, targets = coarse_batch([self.train_items[i] for i in indices], self.ctx.device)
+        if self.train_cfg.augment:
+            generator = step_generator(self.cfg.data.seed, 100 + self.fold, epoch, step)
+            images, targets = augment_coarse_batch(images, targets, generator, self.train_cfg)
+        logits = self.model(images)
+        loss = coarse_loss(logits, targets, self.train_cfg.ce_weight, self.train_cfg.dice_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return {"train": loss.item()}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _validation(self, train_losses: dict[str, float] | None = None) -> Validation:
+        report, self.val_probs = validate_coarse(self.model, self.val_items, self.ctx, self.batch_size)
+        dice = report["dice_coarse"]
+        entry = {"val_loss": report["loss"], "val_dice": dice}
+        if train_losses is not None:
+            entry = {
+                "train_loss": train_losses.get("train"),
+                **entry,
+                "val_fp_rate": report["normal"]["fp_rate_coarse"],
+                "lr": self.lr(),
+            }
+        losses = {"val": report["loss"]} if report["loss"] is not None else {}
+        return Validation(dice=dice, entry=entry, losses=losses, summary=f"val Dice {_fmt(dice)}")
+
+    def validate(self, epoch: int, train_losses: dict[str, float]) -> Validation:
+        self.model.eval()
+        return self._validation(train_losses)
+
+    def save_best(self, epoch: int, validation: Validation) -> None:
+        save_checkpoint(
+            self.fold_dir / "best.pt",
+            phase=PHASE,
+            fold=self.fold,
+            epoch=epoch,
+            dice=validation.dice,
+            model=self.model.state_dict(),
+            config=self.cfg.model_dump(mode="json"),
+        )
+        save_checkpoint(self.fold_dir / "oof_probs.pt", fold=self.fold, epoch=epoch, probs=self.val_probs)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def train_coarse_fold(ctx: RunContext, fold: int) -> dict:
     """Train one fold; returns its summary (also written to ``fold<k>/summary.json``)."""
-    cfg, train_cfg = ctx.cfg, ctx.cfg.coarse
-    fold_dir = ctx.phase_dir(COARSE_DIR) / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    train_items = ctx.store.many(ctx.train_ids(fold))
-    val_items = ctx.store.many(ctx.split.val_ids(fold))
-    if not train_items:
-        raise ValueError(f"fold {fold} has no training images")
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.data.seed + fold)
-        model = build_coarse(cfg)
-    initial = initial_coarse_state(cfg)
-    if initial is not None:  # fine-tuning from a bundle (init_from)
-        model.load_state_dict(initial)
-    else:
-        load_coarse_pretrained(model, cfg)
-    model.to(ctx.device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train_items) / train_cfg.batch_size)
-    schedule = StepSchedule(
-        optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
-    )
-    train_state, checkpoint = TrainState.restore(fold_dir / "last.pt", ctx, {"epoch": None, "dice": None})
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        log.info("fold %d: resuming at epoch %d step %d", fold, train_state.epoch, train_state.step)
-    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
-
-    def save_last(epoch: int, step: int) -> None:
-        train_state.save(
-            epoch,
-            step,
-            cfg,
-            phase=PHASE,
-            fold=fold,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            schedule=schedule.state_dict(),
-        )
-
+    run = CoarseFold(ctx, fold)
     ctx.emit(
         "fold_start",
         phase=PHASE,
         fold=fold,
-        epochs=train_cfg.epochs,
-        extra={"n_train": len(train_items), "n_val": len(val_items)},
+        epochs=run.epochs,
+        extra={"n_train": len(run.train_items), "n_val": len(run.val_items)},
     )
-    if initial is not None and start_epoch == 0 and start_step == 0:
-        # Fine-tuning: the starting weights are the first candidate (epoch -1), so a fold never
-        # keeps a model that validates worse than the one the run was given.
-        report, val_probs = validate_coarse(model, val_items, ctx, train_cfg.batch_size)
-        dice = report["dice_coarse"]
-        history.append({"epoch": -1, "val_dice": dice, "val_loss": report["loss"], "start": True})
-        train_state.best = {"epoch": -1, "dice": dice, "dice_score": -1.0 if dice is None else dice}
-        save_checkpoint(
-            fold_dir / "best.pt",
-            phase=PHASE,
-            fold=fold,
-            epoch=-1,
-            dice=dice,
-            model=model.state_dict(),
-            config=cfg.model_dump(mode="json"),
-        )
-        save_checkpoint(fold_dir / "oof_probs.pt", fold=fold, epoch=-1, probs=val_probs)
-        log.info("coarse fold %d: the starting model validates at %s", fold, dice)
-    for epoch in range(start_epoch, train_cfg.epochs):
-        model.train()
-        order = epoch_order(cfg.data.seed, 100 + fold, epoch, len(train_items))
-        epoch_batches = batches(order, train_cfg.batch_size)
-        first_step = start_step if epoch == start_epoch else 0
-        running = []
-        for step in range(first_step, len(epoch_batches)):
-            images, targets = coarse_batch([train_items[i] for i in epoch_batches[step]], ctx.device)
-            if train_cfg.augment:
-                generator = step_generator(cfg.data.seed, 100 + fold, epoch, step)
-                images, targets = augment_coarse_batch(images, targets, generator, train_cfg)
-            logits = model(images)
-            loss = coarse_loss(logits, targets, train_cfg.ce_weight, train_cfg.dice_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running.append(loss.item())
-            ctx.progress.set(_fold_key(fold), (epoch + (step + 1) / len(epoch_batches)) / train_cfg.epochs)
-            ctx.emit(
-                "step",
-                phase=PHASE,
-                fold=fold,
-                epoch=epoch,
-                epochs=train_cfg.epochs,
-                step=step,
-                steps=len(epoch_batches),
-                losses={"train": running[-1]},
-                lr=optimizer.param_groups[0]["lr"],
-            )
-            ctx.check_stop(lambda e=epoch, s=step + 1: save_last(e, s), PHASE)
-
-        report, val_probs = validate_coarse(model, val_items, ctx, train_cfg.batch_size)
-        dice = report["dice_coarse"]
-        entry = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(running)) if running else None,
-            "val_loss": report["loss"],
-            "val_dice": dice,
-            "val_fp_rate": report["normal"]["fp_rate_coarse"],
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(entry)
-        score = -1.0 if dice is None else dice
-        if train_state.best["epoch"] is None or score > train_state.best["dice_score"]:
-            train_state.best = {"epoch": epoch, "dice": dice, "dice_score": score}
-            save_checkpoint(
-                fold_dir / "best.pt",
-                phase=PHASE,
-                fold=fold,
-                epoch=epoch,
-                dice=dice,
-                model=model.state_dict(),
-                config=cfg.model_dump(mode="json"),
-            )
-            save_checkpoint(fold_dir / "oof_probs.pt", fold=fold, epoch=epoch, probs=val_probs)
-        save_last(epoch + 1, 0)
-        model.train()
-        ctx.progress.set(_fold_key(fold), (epoch + 1) / train_cfg.epochs)
-        ctx.emit(
-            "epoch_end",
-            phase=PHASE,
-            fold=fold,
-            epoch=epoch,
-            epochs=train_cfg.epochs,
-            losses={
-                k: v for k, v in (("train", entry["train_loss"]), ("val", entry["val_loss"])) if v is not None
-            },
-            dice=dice,
-            lr=entry["lr"],
-            extra={"best_epoch": train_state.best["epoch"], "best_dice": train_state.best["dice"]},
-        )
-        log.info(
-            "coarse fold %d epoch %d/%d: train loss %.4f, val Dice %s",
-            fold,
-            epoch + 1,
-            train_cfg.epochs,
-            entry["train_loss"] or float("nan"),
-            "n/a" if dice is None else f"{dice:.4f}",
-        )
-
+    state = run_epochs(ctx, run)
     summary = {
         "phase": PHASE,
         "fold": fold,
-        "best_epoch": train_state.best["epoch"],
-        "best_dice": train_state.best["dice"],
-        "epochs": train_cfg.epochs,
-        "n_train": len(train_items),
-        "n_val": len(val_items),
-        "n_val_lesion": sum(item.lesion for item in val_items),
-        "history": history,
-        "elapsed_s": train_state.elapsed_s,
-        "best_checkpoint": str(fold_dir / "best.pt"),
+        "best_epoch": state.best["epoch"],
+        "best_dice": state.best["dice"],
+        "epochs": run.epochs,
+        "n_train": len(run.train_items),
+        "n_val": len(run.val_items),
+        "n_val_lesion": sum(item.lesion for item in run.val_items),
+        "history": state.history,
+        "elapsed_s": state.elapsed_s,
+        "best_checkpoint": str(run.fold_dir / "best.pt"),
     }
-    write_json(fold_dir / "summary.json", summary)
+    write_json(run.fold_dir / "summary.json", summary)
     ctx.emit(
         "fold_end",
         phase=PHASE,
         fold=fold,
-        dice=train_state.best["dice"],
+        dice=state.best["dice"],
         extra={
-            "best_epoch": train_state.best["epoch"],
-            "checkpoint": str(fold_dir / "best.pt"),
-            "n_val": len(val_items),
+            "best_epoch": state.best["epoch"],
+            "checkpoint": str(run.fold_dir / "best.pt"),
+            "n_val": len(run.val_items),
         },
     )
     return summary

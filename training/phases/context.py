@@ -3,8 +3,8 @@
 * :class:`RunContext` carries the config, device, callback, split and output folders of one run,
   emits :class:`ProgressEvent` s with the overall ``progress`` (0..1) and turns
   ``callback.should_stop()`` into :class:`TrainingCancelled` after saving.
-* :class:`RunState` (``state.json``) records completed phases and folds for ``resume``;
-  :class:`TrainState` is the ``last.pt`` bookkeeping of one phase or fold.
+* :class:`RunState` (``state.json``) records completed phases and folds for ``resume`` (the
+  ``last.pt`` of one phase or fold, and the loop around it, are in :mod:`training.phases.loop`).
 * :class:`StepSchedule` sets every param group's lr from its ``initial_lr`` at each step, reading
   the optimizer's param groups at step time, so a group added later (phase 3 unfreeze) follows
   the schedule too.
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from training.callbacks import ProgressEvent, TrainingCallback, TrainingCancelled
-from training.checkpoints import load_checkpoint, save_checkpoint
 from training.config import TrainingConfig
 from training.data.datasets import Sample, load_image, load_mask
 from training.data.transforms import REFINER_INPUT_SIZE, Geometry, coarse_input, coarse_target, mask_to_tensor
@@ -269,61 +268,6 @@ class RunState:
         for key in [k for k in completed if k == phase or k.startswith(phase + "/")]:
             del completed[key]
         self.save()
-
-
-class TrainState:
-    """Where one phase (or one fold) stands, saved to and restored from its ``last.pt``.
-
-    It owns the bookkeeping every phase shares: the position to continue from (``epoch``,
-    ``step``), the per-epoch ``history``, the ``best`` epoch, the RNG state and the training time
-    spent before an interruption. The phase itself saves and restores its modules, optimizer,
-    schedule and scaler (each in its own way: a refiner stores its trainable tensors only).
-    """
-
-    def __init__(self, path: Path, best: dict) -> None:
-        self.path = Path(path)
-        self.epoch, self.step = 0, 0
-        self.history: list[dict] = []
-        self.best = dict(best)
-        self.elapsed_before = 0.0
-        self.started = time.monotonic()
-
-    @classmethod
-    def restore(cls, path: Path, ctx: RunContext, best: dict) -> tuple[TrainState, dict | None]:
-        """A fresh state, or — when the run resumes and ``path`` exists — the saved one (RNG
-        state restored), with the whole checkpoint for the phase to restore its own states from."""
-        state = cls(path, best)
-        if not (ctx.resume and state.path.is_file()):
-            return state, None
-        checkpoint = load_checkpoint(state.path, map_location=ctx.device)
-        state.epoch, state.step = checkpoint["epoch"], checkpoint["step"]
-        state.history, state.best = checkpoint["history"], checkpoint["best"]
-        state.elapsed_before = checkpoint.get("elapsed_s", 0.0)
-        set_rng_state(checkpoint.get("rng"))
-        return state, checkpoint
-
-    def start_clock(self) -> None:
-        """Count training time from now on (e.g. after a baseline evaluation)."""
-        self.started = time.monotonic()
-
-    @property
-    def elapsed_s(self) -> float:
-        return self.elapsed_before + time.monotonic() - self.started
-
-    def save(self, epoch: int, step: int, cfg: TrainingConfig, **states) -> None:
-        """Write ``last.pt``: the position ``(epoch, step)`` to continue from, this bookkeeping,
-        the config and the phase's own ``states`` (state dicts and phase-specific fields)."""
-        save_checkpoint(
-            self.path,
-            **states,
-            epoch=epoch,
-            step=step,
-            history=self.history,
-            best=self.best,
-            rng=rng_state(),
-            elapsed_s=self.elapsed_s,
-            config=cfg.model_dump(mode="json"),
-        )
 
 
 # --------------------------------------------------------------------------------------------

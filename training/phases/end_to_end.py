@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,12 +40,10 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
-    TrainState,
-    batches,
-    epoch_order,
     final_fold_of,
     write_json,
 )
+from training.phases.loop import LoopPhase, Validation, run_epochs
 from training.phases.refiner_finetune import (
     EmbeddingBank,
     load_phase2_refiner,
@@ -176,7 +175,7 @@ def validate_joint(
 
 
 def run_end_to_end_phase(ctx: RunContext) -> dict:
-    cfg, e2e = ctx.cfg, ctx.cfg.end_to_end
+    cfg = ctx.cfg
     phase_dir = ctx.phase_dir(END_TO_END_DIR)
     coarse = load_final_coarse(ctx)
     if coarse is None:
@@ -188,7 +187,6 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
     if not refiner_trained:
         ctx.warn("no phase-2 refiner found: phase 3 starts from the pretrained refiner", PHASE)
     model = UltraRefiner(coarse, refiner, cfg).to(ctx.device)
-    phase1_weights = {name: value.detach().clone() for name, value in model.coarse.named_parameters()}
 
     fold = final_fold_of(ctx)
     train_items = ctx.store.many(ctx.train_ids(fold))
@@ -199,215 +197,212 @@ def run_end_to_end_phase(ctx: RunContext) -> dict:
     bank = EmbeddingBank(ctx, refiner)
     bank.precompute([item.id for item in train_items + val_items], PHASE)
 
-    # ``best`` is set below: restored, or from the baseline evaluation of a fresh start.
-    train_state, checkpoint = TrainState.restore(phase_dir / "last.pt", ctx, {})
-    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
+    run = EndToEndTraining(ctx, model, bank, train_items, val_items, phase_dir)
+    train_state = run_epochs(ctx, run)
+    summary = {
+        "phase": PHASE,
+        "fold": fold,
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+        "baseline": run.baseline,
+        "best_epoch": train_state.best["epoch"],
+        "best_dice": train_state.best["dice"],
+        "history": train_state.history,
+        "elapsed_s": train_state.elapsed_s,
+        "best_checkpoint": str(phase_dir / "best.pt"),
+    }
+    write_json(phase_dir / "summary.json", summary)
+    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"], extra={"baseline": run.baseline})
+    return summary
 
-    # The optimizer must have the param groups of the checkpoint (the coarse group joins on unfreeze).
-    coarse_trainable = (
-        checkpoint["coarse_in_optimizer"] if checkpoint is not None else coarse_is_trainable(0, cfg)
-    )
-    set_coarse_trainable(model, coarse_trainable)
-    optimizer = build_optimizer(model, cfg, include_coarse=coarse_trainable)
-    steps_per_epoch = math.ceil(len(train_items) / e2e.batch_size)
-    schedule = StepSchedule(
-        optimizer, e2e.epochs * steps_per_epoch, kind="cosine", warmup_steps=e2e.warmup_steps
-    )
-    use_amp = ctx.use_amp(e2e.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    if checkpoint is not None:
-        model.coarse.load_state_dict(checkpoint["coarse"])
-        model.refiner.load_trainable_state_dict(checkpoint["refiner"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        baseline = checkpoint["baseline"]
-        phase1_weights = {k: v.to(ctx.device) for k, v in checkpoint["phase1_weights"].items()}
-    else:
-        report = validate_joint(model, val_items, bank, ctx)
-        baseline = {"dice_coarse": report["dice_coarse"], "dice_refined": report["dice_refined"]}
-        ctx.emit(
+class EndToEndTraining(LoopPhase):
+    """Phase 3's epochs as the training loop drives them. The baseline (phase-1 coarse model +
+    phase-2 refiner) is always the epoch −1 candidate."""
+
+    phase = PHASE
+    progress_key = PHASE
+    order_tag = 300
+    start_is_candidate = True
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        model: UltraRefiner,
+        bank: EmbeddingBank,
+        train_items: list[LoadedSample],
+        val_items: list[LoadedSample],
+        phase_dir: Path,
+    ) -> None:
+        self.ctx, self.cfg, self.e2e = ctx, ctx.cfg, ctx.cfg.end_to_end
+        self.model, self.bank = model, bank
+        self.train_items, self.val_items, self.phase_dir = train_items, val_items, phase_dir
+        self.epochs, self.batch_size = self.e2e.epochs, self.e2e.batch_size
+        self.last_path = phase_dir / "last.pt"
+        self.phase1_weights = {
+            name: value.detach().clone() for name, value in model.coarse.named_parameters()
+        }
+        self.baseline: dict = {}
+        self.use_amp = ctx.use_amp(self.e2e.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.coarse_trainable = False
+        self._build_optimizer(coarse_is_trainable(0, self.cfg))
+
+    def _build_optimizer(self, include_coarse: bool) -> None:
+        """The optimizer (with the coarse param group iff ``include_coarse``) and its schedule."""
+        set_coarse_trainable(self.model, include_coarse)
+        self.optimizer = build_optimizer(self.model, self.cfg, include_coarse=include_coarse)
+        steps_per_epoch = math.ceil(len(self.train_items) / self.e2e.batch_size)
+        self.schedule = StepSchedule(
+            self.optimizer,
+            self.e2e.epochs * steps_per_epoch,
+            kind="cosine",
+            warmup_steps=self.e2e.warmup_steps,
+        )
+
+    def _coarse_in_optimizer(self) -> bool:
+        return any(group.get("name") == "coarse" for group in self.optimizer.param_groups)
+
+    def n_items(self) -> int:
+        return len(self.train_items)
+
+    def load(self, checkpoint: dict) -> None:
+        # The optimizer must have the param groups of the checkpoint (the coarse group joins on unfreeze).
+        self._build_optimizer(checkpoint["coarse_in_optimizer"])
+        self.model.coarse.load_state_dict(checkpoint["coarse"])
+        self.model.refiner.load_trainable_state_dict(checkpoint["refiner"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.baseline = checkpoint["baseline"]
+        self.phase1_weights = {k: v.to(self.ctx.device) for k, v in checkpoint["phase1_weights"].items()}
+        self.ctx.progress.set(f"{PHASE}/baseline", 1.0)
+
+    def state(self) -> dict:
+        return {
+            "coarse": self.model.coarse.state_dict(),
+            "refiner": self.model.refiner.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "baseline": self.baseline,
+            "phase1_weights": {k: v.cpu() for k, v in self.phase1_weights.items()},
+            "coarse_in_optimizer": self._coarse_in_optimizer(),
+        }
+
+    def start(self) -> Validation:
+        report = validate_joint(self.model, self.val_items, self.bank, self.ctx)
+        self.baseline = {"dice_coarse": report["dice_coarse"], "dice_refined": report["dice_refined"]}
+        self.ctx.emit(
             "evaluation",
             phase=PHASE,
             dice=report["dice_refined"],
             message=(
                 f"baseline: coarse Dice {_fmt(report['dice_coarse'])}, refined {_fmt(report['dice_refined'])}"
             ),
-            extra={"stage": "baseline", "split": "val", "n_images": report["n_images"], **baseline},
+            extra={"stage": "baseline", "split": "val", "n_images": report["n_images"], **self.baseline},
         )
-        train_state.best = {
-            "epoch": -1,
-            "dice": report["dice_refined"],
-            "dice_score": _score(report["dice_refined"]),
-        }
-        save_checkpoint(
-            phase_dir / "best.pt",
-            phase=PHASE,
-            epoch=-1,
+        self.ctx.progress.set(f"{PHASE}/baseline", 1.0)
+        return Validation(
             dice=report["dice_refined"],
-            coarse=model.coarse.state_dict(),
-            refiner=model.refiner.trainable_state_dict(),
-            config=cfg.model_dump(mode="json"),
-        )
-    ctx.progress.set(f"{PHASE}/baseline", 1.0)
-    train_state.start_clock()
-
-    def save_last(epoch: int, step: int) -> None:
-        train_state.save(
-            epoch,
-            step,
-            cfg,
-            phase=PHASE,
-            coarse=model.coarse.state_dict(),
-            refiner=model.refiner.trainable_state_dict(),
-            optimizer=optimizer.state_dict(),
-            schedule=schedule.state_dict(),
-            scaler=scaler.state_dict(),
-            baseline=baseline,
-            phase1_weights={k: v.cpu() for k, v in phase1_weights.items()},
-            coarse_in_optimizer=any(g.get("name") == "coarse" for g in optimizer.param_groups),
+            entry={"val_dice_coarse": report["dice_coarse"], "val_dice_refined": report["dice_refined"]},
         )
 
-    for epoch in range(start_epoch, e2e.epochs):
-        if coarse_is_trainable(epoch, cfg) and not any(
-            g.get("name") == "coarse" for g in optimizer.param_groups
-        ):
-            unfreeze_coarse(model, optimizer, cfg)
+    def begin_epoch(self, epoch: int) -> None:
+        if coarse_is_trainable(epoch, self.cfg) and not self._coarse_in_optimizer():
+            unfreeze_coarse(self.model, self.optimizer, self.cfg)
             log.info("end-to-end epoch %d: TransUNet unfrozen", epoch)
-            ctx.emit("step", phase=PHASE, epoch=epoch, message="TransUNet unfrozen", extra={"unfrozen": True})
-        coarse_trainable = any(g.get("name") == "coarse" for g in optimizer.param_groups)
-        model.train()
-        if not coarse_trainable:
-            model.coarse.eval()  # frozen: no dropout, weights bit-identical
-        order = epoch_order(cfg.data.seed, 300, epoch, len(train_items))
-        epoch_batches = batches(order, e2e.batch_size)
-        first_step = start_step if epoch == start_epoch else 0
-        running: dict[str, list[float]] = {}
-        for step in range(first_step, len(epoch_batches)):
-            chunk = [train_items[i] for i in epoch_batches[step]]
-            coarse_images, coarse_targets, embeddings, geometries, images = joint_inputs(chunk, bank, ctx)
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=use_amp):
-                outputs = model(coarse_images, embeddings, geometries, refiner_images=images)
-            refined_terms = refined_loss(outputs, chunk, ctx)
-            coarse_term = coarse_loss(
-                outputs["coarse_logits"].float(), coarse_targets, cfg.coarse.ce_weight, cfg.coarse.dice_weight
+            self.ctx.emit(
+                "step", phase=PHASE, epoch=epoch, message="TransUNet unfrozen", extra={"unfrozen": True}
             )
-            l2_term = (
-                l2_to_reference(model.coarse, phase1_weights)
-                if coarse_trainable
-                else torch.zeros((), device=ctx.device)
-            )
-            total = e2e.coarse_loss_weight * coarse_term + e2e.refined_loss_weight * refined_terms["total"]
-            total = total + e2e.l2_to_phase1 * l2_term
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for group in optimizer.param_groups for p in group["params"]], e2e.grad_clip
-            )
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            values = {
-                "total": total.item(),
-                "coarse": coarse_term.item(),
-                "refined": refined_terms["total"].item(),
-                "l2": l2_term.item(),
-            }
-            for name, value in values.items():
-                running.setdefault(name, []).append(value)
-            ctx.progress.set(PHASE, (epoch + (step + 1) / len(epoch_batches)) / e2e.epochs)
-            ctx.emit(
-                "step",
-                phase=PHASE,
-                epoch=epoch,
-                epochs=e2e.epochs,
-                step=step,
-                steps=len(epoch_batches),
-                losses=values,
-                lr=_group_lr(optimizer, "refiner"),
-                extra={"lr_coarse": _group_lr(optimizer, "coarse")},
-            )
-            ctx.check_stop(lambda e=epoch, s=step + 1: save_last(e, s), PHASE)
+        self.coarse_trainable = self._coarse_in_optimizer()
+        self.model.train()
+        if not self.coarse_trainable:
+            self.model.coarse.eval()  # frozen: no dropout, weights bit-identical
 
-        report = validate_joint(model, val_items, bank, ctx)
+    def train_step(self, epoch: int, step: int, indices: list[int]) -> dict[str, float]:
+        ctx, cfg, e2e = self.ctx, self.cfg, self.e2e
+        chunk = [self.train_items[i] for i in indices]
+        coarse_images, coarse_targets, embeddings, geometries, images = joint_inputs(chunk, self.bank, ctx)
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
+            outputs = self.model(coarse_images, embeddings, geometries, refiner_images=images)
+        refined_terms = refined_loss(outputs, chunk, ctx)
+        coarse_term = coarse_loss(
+            outputs["coarse_logits"].float(), coarse_targets, cfg.coarse.ce_weight, cfg.coarse.dice_weight
+        )
+        l2_term = (
+            l2_to_reference(self.model.coarse, self.phase1_weights)
+            if self.coarse_trainable
+            else torch.zeros((), device=ctx.device)
+        )
+        total = e2e.coarse_loss_weight * coarse_term + e2e.refined_loss_weight * refined_terms["total"]
+        total = total + e2e.l2_to_phase1 * l2_term
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in self.optimizer.param_groups for p in group["params"]], e2e.grad_clip
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return {
+            "total": total.item(),
+            "coarse": coarse_term.item(),
+            "refined": refined_terms["total"].item(),
+            "l2": l2_term.item(),
+        }
+
+    def lr(self) -> float | None:
+        return _group_lr(self.optimizer, "refiner")
+
+    def step_extra(self) -> dict:
+        return {"lr_coarse": _group_lr(self.optimizer, "coarse")}
+
+    def validate(self, epoch: int, train_losses: dict[str, float]) -> Validation:
+        report = validate_joint(self.model, self.val_items, self.bank, self.ctx)
         dice = report["dice_refined"]
         entry = {
-            "epoch": epoch,
-            **{f"train_{name}": float(np.mean(values)) for name, values in running.items()},
+            **{f"train_{name}": value for name, value in train_losses.items()},
             "val_dice_coarse": report["dice_coarse"],
             "val_dice_refined": dice,
-            "lr_refiner": _group_lr(optimizer, "refiner"),
-            "lr_coarse": _group_lr(optimizer, "coarse"),
-            "coarse_trainable": coarse_trainable,
+            "lr_refiner": _group_lr(self.optimizer, "refiner"),
+            "lr_coarse": _group_lr(self.optimizer, "coarse"),
+            "coarse_trainable": self.coarse_trainable,
         }
-        history.append(entry)
+        baseline = self.baseline
+        drop = self.e2e.dice_drop_warning
         if (
-            baseline["dice_coarse"] is not None
+            baseline.get("dice_coarse") is not None
             and report["dice_coarse"] is not None
-            and baseline["dice_coarse"] - report["dice_coarse"] > e2e.dice_drop_warning
+            and baseline["dice_coarse"] - report["dice_coarse"] > drop
         ):
-            ctx.warn(
+            self.ctx.warn(
                 f"end-to-end epoch {epoch + 1}: coarse Dice dropped from {baseline['dice_coarse']:.4f} to "
-                f"{report['dice_coarse']:.4f} (more than {e2e.dice_drop_warning:.3f}); consider a lower "
+                f"{report['dice_coarse']:.4f} (more than {drop:.3f}); consider a lower "
                 "lr_coarse, a smaller coarse_grad_scale or freeze_coarse",
                 PHASE,
                 epoch=epoch,
                 baseline=baseline["dice_coarse"],
                 dice_coarse=report["dice_coarse"],
             )
-        if _score(dice) > train_state.best["dice_score"]:
-            train_state.best = {"epoch": epoch, "dice": dice, "dice_score": _score(dice)}
-            save_checkpoint(
-                phase_dir / "best.pt",
-                phase=PHASE,
-                epoch=epoch,
-                dice=dice,
-                coarse=model.coarse.state_dict(),
-                refiner=model.refiner.trainable_state_dict(),
-                config=cfg.model_dump(mode="json"),
-            )
-        save_last(epoch + 1, 0)
-        ctx.progress.set(PHASE, (epoch + 1) / e2e.epochs)
-        ctx.emit(
-            "epoch_end",
-            phase=PHASE,
-            epoch=epoch,
-            epochs=e2e.epochs,
-            losses={"train": entry.get("train_total", float("nan"))},
+        return Validation(
             dice=dice,
-            lr=entry["lr_refiner"],
-            extra={
-                "dice_coarse": report["dice_coarse"],
-                "lr_coarse": entry["lr_coarse"],
-                "best_epoch": train_state.best["epoch"],
-            },
-        )
-        log.info(
-            "end-to-end epoch %d/%d: loss %.4f, val Dice coarse %s → refined %s",
-            epoch + 1,
-            e2e.epochs,
-            entry.get("train_total", float("nan")),
-            _fmt(report["dice_coarse"]),
-            _fmt(dice),
+            entry=entry,
+            event={"dice_coarse": report["dice_coarse"], "lr_coarse": entry["lr_coarse"]},
+            summary=f"val Dice coarse {_fmt(report['dice_coarse'])} → refined {_fmt(dice)}",
         )
 
-    summary = {
-        "phase": PHASE,
-        "fold": fold,
-        "n_train": len(train_items),
-        "n_val": len(val_items),
-        "baseline": baseline,
-        "best_epoch": train_state.best["epoch"],
-        "best_dice": train_state.best["dice"],
-        "history": history,
-        "elapsed_s": train_state.elapsed_s,
-        "best_checkpoint": str(phase_dir / "best.pt"),
-    }
-    write_json(phase_dir / "summary.json", summary)
-    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"], extra={"baseline": baseline})
-    return summary
+    def save_best(self, epoch: int, validation: Validation) -> None:
+        save_checkpoint(
+            self.phase_dir / "best.pt",
+            phase=PHASE,
+            epoch=epoch,
+            dice=validation.dice,
+            coarse=self.model.coarse.state_dict(),
+            refiner=self.model.refiner.trainable_state_dict(),
+            config=self.cfg.model_dump(mode="json"),
+        )
 
 
 def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
@@ -415,10 +410,6 @@ def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
         if group.get("name") == name:
             return group["lr"]
     return None
-
-
-def _score(dice: float | None) -> float:
-    return -1.0 if dice is None else dice
 
 
 def _fmt(value: float | None) -> str:

@@ -42,13 +42,11 @@ from training.phases.context import (
     LoadedSample,
     RunContext,
     StepSchedule,
-    TrainState,
-    batches,
-    epoch_order,
     final_fold_of,
     read_json,
     write_json,
 )
+from training.phases.loop import LoopPhase, Validation, run_epochs
 
 log = logging.getLogger("training.refiner")
 AUGMENT_PHASE = "augment"
@@ -389,28 +387,90 @@ def run_refiner_phase(ctx: RunContext) -> dict:
 
     train_items = ctx.store.many(train_ids)
     val_items = ctx.store.many(val_ids)
-    val_maps = {item.id: masks.validation_map(item) for item in val_items}
-    val_native = {item.id: masks.validation_native(item, val_maps[item.id]) for item in val_items}
+    run = RefinerTraining(ctx, refiner, parameters, masks, bank, train_items, val_items, phase_dir)
+    train_state = run_epochs(ctx, run)
 
-    optimizer = torch.optim.AdamW(parameters, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_items) / train_cfg.batch_size)
-    schedule = StepSchedule(optimizer, train_cfg.epochs * steps_per_epoch, kind="cosine")
-    use_amp = ctx.use_amp(train_cfg.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    summary = {
+        "phase": PHASE,
+        "fold": fold,
+        "n_train": len(train_items),
+        "n_val": len(val_items),
+        "best_epoch": train_state.best["epoch"],
+        "best_dice": train_state.best["dice"],
+        "val_dice_coarse": train_state.best.get("dice_coarse"),
+        "history": train_state.history,
+        "embeddings": embed_stats,
+        "elapsed_s": train_state.elapsed_s,
+        "best_checkpoint": str(phase_dir / "best.pt"),
+        "sam_checkpoint": str(phase_dir / "sam_refiner.pth"),
+    }
+    write_json(phase_dir / "summary.json", summary)
+    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"])
+    return summary
 
-    train_state, checkpoint = TrainState.restore(
-        phase_dir / "last.pt", ctx, {"epoch": None, "dice": None, "dice_score": None}
-    )
-    if checkpoint is not None:
-        refiner.load_trainable_state_dict(checkpoint["refiner"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        scaler.load_state_dict(checkpoint["scaler"])
-    start_epoch, start_step, history = train_state.epoch, train_state.step, train_state.history
 
-    if start_epoch == 0 and start_step == 0:
-        baseline = validate_refiner(refiner, val_items, val_maps, val_native, bank, ctx, train_cfg.batch_size)
-        ctx.emit(
+class RefinerTraining(LoopPhase):
+    """Phase 2b's epochs as the training loop drives them (the refiner's trainable tensors only)."""
+
+    phase = PHASE
+    progress_key = PHASE
+    order_tag = 200
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        refiner: Refiner,
+        parameters: list[torch.nn.Parameter],
+        masks: CoarseMasks,
+        bank: EmbeddingBank,
+        train_items: list[LoadedSample],
+        val_items: list[LoadedSample],
+        phase_dir: Path,
+    ) -> None:
+        cfg, train_cfg = ctx.cfg, ctx.cfg.refiner_train
+        self.ctx, self.cfg, self.train_cfg = ctx, cfg, train_cfg
+        self.refiner, self.masks, self.bank = refiner, masks, bank
+        self.train_items, self.val_items, self.phase_dir = train_items, val_items, phase_dir
+        self.epochs, self.batch_size = train_cfg.epochs, train_cfg.batch_size
+        self.last_path = phase_dir / "last.pt"
+        # Fine-tuning (init_from): the weights the run started from are a candidate too.
+        self.start_is_candidate = cfg.init_from is not None
+        self.val_maps = {item.id: masks.validation_map(item) for item in val_items}
+        self.val_native = {
+            item.id: masks.validation_native(item, self.val_maps[item.id]) for item in val_items
+        }
+        self.optimizer = torch.optim.AdamW(parameters, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(train_items) / train_cfg.batch_size)
+        self.schedule = StepSchedule(self.optimizer, train_cfg.epochs * steps_per_epoch, kind="cosine")
+        self.use_amp = ctx.use_amp(train_cfg.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.sources = {"real": 0, "augmented": 0}
+
+    def n_items(self) -> int:
+        return len(self.train_items)
+
+    def load(self, checkpoint: dict) -> None:
+        self.refiner.load_trainable_state_dict(checkpoint["refiner"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["schedule"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+
+    def state(self) -> dict:
+        return {
+            "refiner": self.refiner.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def _report(self) -> dict:
+        return validate_refiner(
+            self.refiner, self.val_items, self.val_maps, self.val_native, self.bank, self.ctx, self.batch_size
+        )
+
+    def start(self) -> Validation:
+        baseline = self._report()
+        self.ctx.emit(
             "evaluation",
             phase=PHASE,
             dice=baseline["dice_refined"],
@@ -423,157 +483,81 @@ def run_refiner_phase(ctx: RunContext) -> dict:
                 "dice_refined": baseline["dice_refined"],
             },
         )
-        if cfg.init_from is not None:
-            # Fine-tuning: the weights the run started from are a candidate too (epoch -1), so a
-            # run never keeps a refiner that validates worse than the one it was given.
-            score = -1.0 if baseline["dice_refined"] is None else baseline["dice_refined"]
-            train_state.best = {
-                "epoch": -1,
-                "dice": baseline["dice_refined"],
-                "dice_score": score,
-                "dice_coarse": baseline["dice_coarse"],
-            }
-            save_checkpoint(
-                phase_dir / "best.pt",
-                phase=PHASE,
-                epoch=-1,
-                dice=baseline["dice_refined"],
-                refiner=refiner.trainable_state_dict(),
-                config=cfg.model_dump(mode="json"),
-            )
-    train_state.start_clock()
-
-    def save_last(epoch: int, step: int) -> None:
-        train_state.save(
-            epoch,
-            step,
-            cfg,
-            phase=PHASE,
-            refiner=refiner.trainable_state_dict(),
-            optimizer=optimizer.state_dict(),
-            schedule=schedule.state_dict(),
-            scaler=scaler.state_dict(),
+        return Validation(
+            dice=baseline["dice_refined"],
+            entry={"val_dice_coarse": baseline["dice_coarse"], "val_dice_refined": baseline["dice_refined"]},
+            best={"dice_coarse": baseline["dice_coarse"]},
         )
 
-    for epoch in range(start_epoch, train_cfg.epochs):
-        refiner.train()
-        order = epoch_order(cfg.data.seed, 200, epoch, len(train_items))
-        epoch_batches = batches(order, train_cfg.batch_size)
-        first_step = start_step if epoch == start_epoch else 0
-        running: dict[str, list[float]] = {}
-        sources = {"real": 0, "augmented": 0}
-        for step in range(first_step, len(epoch_batches)):
-            chunk = [train_items[i] for i in epoch_batches[step]]
-            rng = np.random.default_rng([cfg.data.seed, 201, epoch, step])
-            coarse_maps = []
-            for item in chunk:
-                coarse_map, source = masks.training_map(item, rng)
-                coarse_maps.append(coarse_map)
-                sources[source] += 1
-            coarse = torch.cat(coarse_maps).to(ctx.device)
-            target = torch.stack([item.refiner_target for item in chunk]).float().to(ctx.device)
-            valid = torch.cat([item.geometry.valid_mask() for item in chunk]).to(ctx.device)
-            embeddings = bank.batch([item.id for item in chunk], ctx.device)
-            images = refiner_images(chunk, refiner.backbone, ctx.device) if cfg.refiner.roi_mode else None
-            with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=use_amp):
-                output = refiner(embeddings, coarse, valid=valid, images=images)
-            losses = quality_aware_loss(
-                output.refined_logits.float(),
-                target,
-                coarse,
-                train_cfg.bce_weight,
-                train_cfg.dice_weight,
-                train_cfg.change_penalty_weight,
-                valid=valid,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            values = {name: value.item() for name, value in losses.items()}
-            for name, value in values.items():
-                running.setdefault(name, []).append(value)
-            ctx.progress.set(PHASE, (epoch + (step + 1) / len(epoch_batches)) / train_cfg.epochs)
-            ctx.emit(
-                "step",
-                phase=PHASE,
-                epoch=epoch,
-                epochs=train_cfg.epochs,
-                step=step,
-                steps=len(epoch_batches),
-                losses=values,
-                lr=optimizer.param_groups[0]["lr"],
-            )
-            ctx.check_stop(lambda e=epoch, s=step + 1: save_last(e, s), PHASE)
+    def begin_epoch(self, epoch: int) -> None:
+        self.refiner.train()
+        self.sources = {"real": 0, "augmented": 0}
 
-        report = validate_refiner(refiner, val_items, val_maps, val_native, bank, ctx, train_cfg.batch_size)
+    def train_step(self, epoch: int, step: int, indices: list[int]) -> dict[str, float]:
+        ctx, cfg, train_cfg = self.ctx, self.cfg, self.train_cfg
+        chunk = [self.train_items[i] for i in indices]
+        rng = np.random.default_rng([cfg.data.seed, 201, epoch, step])
+        coarse_maps = []
+        for item in chunk:
+            coarse_map, source = self.masks.training_map(item, rng)
+            coarse_maps.append(coarse_map)
+            self.sources[source] += 1
+        coarse = torch.cat(coarse_maps).to(ctx.device)
+        target = torch.stack([item.refiner_target for item in chunk]).float().to(ctx.device)
+        valid = torch.cat([item.geometry.valid_mask() for item in chunk]).to(ctx.device)
+        embeddings = self.bank.batch([item.id for item in chunk], ctx.device)
+        images = refiner_images(chunk, self.refiner.backbone, ctx.device) if cfg.refiner.roi_mode else None
+        with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
+            output = self.refiner(embeddings, coarse, valid=valid, images=images)
+        losses = quality_aware_loss(
+            output.refined_logits.float(),
+            target,
+            coarse,
+            train_cfg.bce_weight,
+            train_cfg.dice_weight,
+            train_cfg.change_penalty_weight,
+            valid=valid,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["total"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return {name: value.item() for name, value in losses.items()}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def validate(self, epoch: int, train_losses: dict[str, float]) -> Validation:
+        report = self._report()
         dice = report["dice_refined"]
         entry = {
-            "epoch": epoch,
-            **{f"train_{name}": float(np.mean(values)) for name, values in running.items()},
+            **{f"train_{name}": value for name, value in train_losses.items()},
             "val_dice_coarse": report["dice_coarse"],
             "val_dice_refined": dice,
             "val_fp_rate_refined": report["normal"]["fp_rate_refined"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "sources": sources,
+            "lr": self.lr(),
+            "sources": dict(self.sources),
         }
-        history.append(entry)
-        score = -1.0 if dice is None else dice
-        if train_state.best["epoch"] is None or score > train_state.best["dice_score"]:
-            train_state.best = {
-                "epoch": epoch,
-                "dice": dice,
-                "dice_score": score,
-                "dice_coarse": report["dice_coarse"],
-            }
-            save_checkpoint(
-                phase_dir / "best.pt",
-                phase=PHASE,
-                epoch=epoch,
-                dice=dice,
-                refiner=refiner.trainable_state_dict(),
-                config=cfg.model_dump(mode="json"),
-            )
-            save_checkpoint(phase_dir / "sam_refiner.pth", **refiner.sam_state_dict())
-        save_last(epoch + 1, 0)
-        ctx.progress.set(PHASE, (epoch + 1) / train_cfg.epochs)
-        ctx.emit(
-            "epoch_end",
-            phase=PHASE,
-            epoch=epoch,
-            epochs=train_cfg.epochs,
-            losses={"train": entry.get("train_total", float("nan"))},
+        return Validation(
             dice=dice,
-            lr=entry["lr"],
-            extra={"dice_coarse": report["dice_coarse"], "best_epoch": train_state.best["epoch"]},
-        )
-        log.info(
-            "refiner epoch %d/%d: loss %.4f, val Dice coarse %s → refined %s",
-            epoch + 1,
-            train_cfg.epochs,
-            entry.get("train_total", float("nan")),
-            _fmt(report["dice_coarse"]),
-            _fmt(dice),
+            entry=entry,
+            best={"dice_coarse": report["dice_coarse"]},
+            event={"dice_coarse": report["dice_coarse"]},
+            summary=f"val Dice coarse {_fmt(report['dice_coarse'])} → refined {_fmt(dice)}",
         )
 
-    summary = {
-        "phase": PHASE,
-        "fold": fold,
-        "n_train": len(train_items),
-        "n_val": len(val_items),
-        "best_epoch": train_state.best["epoch"],
-        "best_dice": train_state.best["dice"],
-        "val_dice_coarse": train_state.best.get("dice_coarse"),
-        "history": history,
-        "embeddings": embed_stats,
-        "elapsed_s": train_state.elapsed_s,
-        "best_checkpoint": str(phase_dir / "best.pt"),
-        "sam_checkpoint": str(phase_dir / "sam_refiner.pth"),
-    }
-    write_json(phase_dir / "summary.json", summary)
-    ctx.emit("phase_end", phase=PHASE, dice=train_state.best["dice"])
-    return summary
+    def save_best(self, epoch: int, validation: Validation) -> None:
+        save_checkpoint(
+            self.phase_dir / "best.pt",
+            phase=PHASE,
+            epoch=epoch,
+            dice=validation.dice,
+            refiner=self.refiner.trainable_state_dict(),
+            config=self.cfg.model_dump(mode="json"),
+        )
+        if epoch >= 0:  # the starting weights are the run's input, not a phase-2b result
+            save_checkpoint(self.phase_dir / "sam_refiner.pth", **self.refiner.sam_state_dict())
 
 
 def _fmt(value: float | None) -> str:
