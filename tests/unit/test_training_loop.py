@@ -1,0 +1,133 @@
+"""The one training loop (training/phases/loop.py) with a phase of its own: a scalar model whose
+validation Dice is scripted, so best-epoch choice, the epoch -1 candidate, resume and events are
+checked without any network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.callbacks import EventRecorder, TrainingCallback, TrainingCancelled
+from training.checkpoints import load_checkpoint
+from training.config import TrainingConfig
+from training.phases.context import RunContext
+from training.phases.loop import LoopPhase, Validation, run_epochs
+
+
+class ScriptedPhase(LoopPhase):
+    """Ten items, batches of three (4 steps an epoch); each step adds the batch's indices to a
+    weight, so the weight after a run says which batches it took."""
+
+    phase = "toy"
+    batch_size = 3
+    order_tag = 7
+    progress_key = "toy"
+
+    def __init__(self, tmp_path, dices, start_dice=None, candidate=False, epochs=3, fold=None):
+        self.epochs, self.fold = epochs, fold
+        self.last_path = tmp_path / "toy" / "last.pt"
+        self.last_path.parent.mkdir(parents=True, exist_ok=True)
+        self.dices, self.start_dice = list(dices), start_dice
+        self.start_is_candidate = candidate
+        self.weight = torch.zeros(())
+        self.seen: list[list[int]] = []
+        self.saved: list[int] = []
+
+    def n_items(self) -> int:
+        return 10
+
+    def load(self, checkpoint: dict) -> None:
+        self.weight = checkpoint["weight"].clone()
+
+    def state(self) -> dict:
+        return {"weight": self.weight.clone()}
+
+    def start(self):
+        return (
+            None
+            if self.start_dice is None
+            else Validation(dice=self.start_dice, entry={"val": self.start_dice})
+        )
+
+    def train_step(self, epoch, step, indices):
+        self.seen.append(indices)
+        self.weight = self.weight + sum(indices)
+        return {"total": float(sum(indices)), "other": 1.0}
+
+    def lr(self) -> float:
+        return 0.1
+
+    def validate(self, epoch, train_losses):
+        dice = self.dices[epoch]
+        return Validation(dice=dice, entry={"val": dice, **train_losses}, event={"marker": epoch})
+
+    def save_best(self, epoch, validation):
+        self.saved.append(epoch)
+
+
+class StopAfter(TrainingCallback):
+    def __init__(self, steps: int) -> None:
+        self.remaining = steps
+
+    def on_event(self, event) -> None:
+        if event.kind == "step":
+            self.remaining -= 1
+
+    def should_stop(self) -> bool:
+        return self.remaining <= 0
+
+
+def context(tmp_path, callback=None, resume=False) -> RunContext:
+    cfg = TrainingConfig.model_validate({"output_dir": str(tmp_path)})
+    ctx = RunContext(cfg=cfg, device=torch.device("cpu"), split=None, store=None, resume=resume)
+    if callback is not None:
+        ctx.callback = callback
+    ctx.progress.add("toy", 3)
+    return ctx
+
+
+def test_the_best_epoch_is_the_highest_validation_dice_and_none_ranks_lowest(tmp_path):
+    recorder = EventRecorder()
+    phase = ScriptedPhase(tmp_path, [None, 0.5, 0.7, 0.7], epochs=4, fold=2)
+    state = run_epochs(context(tmp_path, recorder), phase)
+    assert state.best["epoch"] == 2 and state.best["dice"] == 0.7  # a tie keeps the earlier epoch
+    assert phase.saved == [0, 1, 2]  # epoch 0 (no Dice) is a best only until a Dice exists
+    assert [entry["epoch"] for entry in state.history] == [0, 1, 2, 3]
+    assert state.history[1]["total"] == pytest.approx(sum(sum(b) for b in phase.seen[4:8]) / 4)
+    ends = recorder.of_kind("epoch_end")
+    assert [e.extra["best_epoch"] for e in ends] == [0, 1, 2, 2]
+    assert all(e.fold == 2 and e.phase == "toy" and e.losses.keys() == {"train"} for e in ends)
+    assert ends[3].extra["marker"] == 3
+    steps = recorder.of_kind("step")
+    assert len(steps) == 16 and steps[-1].progress == pytest.approx(1.0)
+    assert sorted(i for batch in phase.seen[:4] for i in batch) == list(range(10))  # each item once an epoch
+    assert load_checkpoint(phase.last_path)["epoch"] == 4
+
+
+def test_the_starting_weights_are_kept_when_no_epoch_validates_better(tmp_path):
+    phase = ScriptedPhase(tmp_path, [0.6, 0.79, 0.7], start_dice=0.8, candidate=True)
+    state = run_epochs(context(tmp_path), phase)
+    assert state.best["epoch"] == -1 and phase.saved == [-1]
+    assert state.history[0] == {"epoch": -1, "val": 0.8, "start": True}
+    # not a candidate: evaluated (the phase may report it) but never chosen
+    other = ScriptedPhase(tmp_path / "b", [0.6, 0.79, 0.7], start_dice=0.8, candidate=False)
+    state = run_epochs(context(tmp_path / "b"), other)
+    assert state.best["epoch"] == 1 and [e["epoch"] for e in state.history] == [0, 1, 2]
+
+
+def test_a_cancelled_run_resumes_at_the_next_step_with_the_same_batches(tmp_path):
+    straight = ScriptedPhase(tmp_path / "straight", [0.1, 0.3, 0.2])
+    run_epochs(context(tmp_path / "straight"), straight)
+
+    cancelled = ScriptedPhase(tmp_path / "run", [0.1, 0.3, 0.2])
+    with pytest.raises(TrainingCancelled):
+        run_epochs(context(tmp_path / "run", StopAfter(6)), cancelled)
+    last = load_checkpoint(cancelled.last_path)
+    assert (last["epoch"], last["step"]) == (1, 2) and [h["epoch"] for h in last["history"]] == [0]
+
+    resumed = ScriptedPhase(tmp_path / "run", [0.1, 0.3, 0.2])
+    state = run_epochs(context(tmp_path / "run", resume=True), resumed)
+    assert cancelled.seen + resumed.seen == straight.seen  # no batch repeated, none skipped
+    assert float(resumed.weight) == float(straight.weight)
+    assert state.best["epoch"] == 1 and [h["epoch"] for h in state.history] == [0, 1, 2]
+    assert resumed.saved == [1]  # epoch 0's best was saved by the cancelled run
