@@ -17,7 +17,14 @@ fold; false-positive rate on its lesion-free images) and, refined by the shipped
 with the prompts derived from them, like the served path. The shipped TransUNet's numbers on the
 same fold are reported beside them.
 
+With ``--head sam-decoder`` the head is instead a copy of LiteMedSAM's own pretrained mask decoder,
+prompted by a learned query (initialised as the prompt of a whole-image box) and a learned dense
+prompt, on the neck embedding alone; its IoU output is trained as the lesion-present logit. Both
+heads are also reported averaged with the shipped TransUNet's probabilities (``ensemble``), with
+and without the head's presence gate.
+
     python benchmarks/litemedsam_coarse_probe.py [--fold 0] [--epochs 30] [--width 96] [--limit N]
+        [--head dilated|sam-decoder]
 """
 
 from __future__ import annotations
@@ -90,6 +97,42 @@ class Head(nn.Module):
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), presence
 
 
+class SamDecoderHead(nn.Module):
+    """LiteMedSAM's pretrained mask decoder as a prompt-free coarse head: a learned sparse query
+    (started as the encoding of a whole-image box) and a learned dense prompt (started as the
+    decoder's "no mask" embedding) replace the clinician's prompt. Neck embedding → single-mask
+    logits 1×256² and a presence logit (the decoder's IoU output, retrained as such)."""
+
+    def __init__(self, refiner) -> None:
+        import copy
+
+        super().__init__()
+        prompt_encoder = refiner.prompt_encoder
+        side = refiner.input_size
+        with torch.no_grad():
+            box = torch.tensor([[0.0, 0.0, side - 1.0, side - 1.0]])
+            sparse, dense = prompt_encoder(points=None, boxes=box, masks=None)
+            self.register_buffer("pe", prompt_encoder.get_dense_pe().detach().clone())
+        self.decoder = copy.deepcopy(refiner.mask_decoder)
+        self.query = nn.Parameter(sparse.detach().clone())  # 1×2×256
+        self.dense = nn.Parameter(dense[:, :, :1, :1].detach().clone())  # 1×256×1×1
+
+    def forward(self, stage1, neck, image):
+        logits, presence = [], []
+        dense = self.dense.expand(1, -1, neck.shape[-2], neck.shape[-1])
+        for index in range(neck.shape[0]):
+            low_res, iou = self.decoder(
+                image_embeddings=neck[index : index + 1],
+                image_pe=self.pe,
+                sparse_prompt_embeddings=self.query,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            logits.append(low_res)
+            presence.append(iou[:, 0])
+        return torch.cat(logits), torch.cat(presence)
+
+
 def encode(encoder, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TinyViT on ``B×3×256²`` → (stage-1 ``B×160×64²``, neck ``B×256×64²``), float16."""
     x = encoder.patch_embed(image)
@@ -116,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--limit", type=int, help="Only N training and N validation images (a smoke run).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head", choices=("dilated", "sam-decoder"), default="dilated")
     parser.add_argument(
         "--busbra-root",
         type=Path,
@@ -128,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from training.data.datasets import list_samples, load_image, load_mask
     from training.data.splits import Split
-    from training.data.transforms import refiner_input
+    from training.data.transforms import coarse_input, refiner_input
     from training.evaluate import coarse_finds_lesion, image_record, served_refined, summarize
     from training.inference import Predictor
 
@@ -160,7 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
             if sample_id in train:
                 views.append(refiner_image[None].flip(-1))
             features = [encode(encoder, view) for view in views]
+            with torch.autocast("cpu", enabled=False):  # the shipped TransUNet as served (fp32)
+                transunet = predictor.coarse(coarse_input(image, predictor.coarse_size)[None])
+                transunet = geometry.to_refiner(transunet.float().softmax(1)[:, 1:2])
             cache[sample_id] = {
+                "transunet": transunet.half(),
                 "image": refiner_image.half(),
                 "target": target[0].half(),
                 "features": features,
@@ -171,7 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
             }
     encode_s = time.monotonic() - started
 
-    head = Head(args.width)
+    if args.head == "sam-decoder":
+        from training.modeling.refiner import build_refiner
+
+        head = SamDecoderHead(build_refiner())  # the pretrained LiteMedSAM decoder, not the shipped one
+    else:
+        head = Head(args.width)
     parameters = sum(p.numel() for p in head.parameters())
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
@@ -200,13 +253,23 @@ def main(argv: list[str] | None = None) -> dict:
             logits, presence = head(s1.float(), nk.float(), entry["image"][None].float())
         return torch.sigmoid(logits.float()), float(torch.sigmoid(presence.float())[0])
 
-    def validate(refine: bool = False, ids: list[str] | None = None) -> dict:
+    def validate(
+        refine: bool = False,
+        ids: list[str] | None = None,
+        ensemble: bool = False,
+        gate: bool = True,
+        transunet_only: bool = False,
+    ) -> dict:
         head.eval()
         records, refined_records = [], []
         for sample_id in val if ids is None else ids:
             entry = cache[sample_id]
             probs, presence = predict(sample_id)
-            if presence < 0.5:
+            if transunet_only:  # the shipped TransUNet's mask, gated by the head's presence output
+                probs = entry["transunet"].float()
+            elif ensemble:  # the mean of the head's and the shipped TransUNet's probabilities
+                probs = (probs + entry["transunet"].float()) / 2
+            if gate and presence < 0.5:
                 probs = torch.zeros_like(probs)
             geometry = entry["geometry"]
             native = geometry.from_refiner(probs)[0, 0].numpy()
@@ -270,6 +333,16 @@ def main(argv: list[str] | None = None) -> dict:
     head.load_state_dict(best_state)
     final = validate(refine=True)
     final_other = validate(refine=True, ids=other_ids) if other_ids else None
+    variants = {
+        "ensemble_val": validate(refine=True, ensemble=True, gate=False),
+        "ensemble_gated_val": validate(refine=True, ensemble=True, gate=True),
+        "transunet_gated_val": validate(refine=True, transunet_only=True, gate=True),
+    }
+    if other_ids:
+        variants["ensemble_busbra_sample"] = validate(refine=True, ids=other_ids, ensemble=True, gate=False)
+        variants["ensemble_gated_busbra_sample"] = validate(
+            refine=True, ids=other_ids, ensemble=True, gate=True
+        )
 
     # The shipped model on the same fold: its coarse TransUNet and the served refined mask.
     from training.evaluate import evaluate
@@ -294,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fold": args.fold,
         "n_train": len(train),
         "n_val": len(val),
+        "head": args.head,
         "head_parameters": parameters,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -305,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shipped_val": brief(shipped),
         "head_busbra_sample": final_other,
         "shipped_busbra_sample": brief(shipped_other),
+        **variants,
         "history": history,
     }
     json.dump(report, sys.stdout, indent=1)
