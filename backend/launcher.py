@@ -91,7 +91,11 @@ def start(
         nonlocal stopping
         stopping = True
 
+    # Ctrl-C reaches the whole process group at once: a service may exit on it before this
+    # process has run its own handler, so SIGINT sets the same flag as SIGTERM and an exit seen
+    # just after a stop request is part of the stop, not an error.
     previous = signal.signal(signal.SIGTERM, _stop)
+    previous_int = signal.signal(signal.SIGINT, _stop)
     try:
         for service in services:
             service.process = subprocess.Popen(service.argv, env=env)
@@ -115,6 +119,9 @@ def start(
             for service in services:
                 code = service.process.poll()
                 if code is not None:
+                    time.sleep(0.5)  # a stop signal delivered with the child's exit lands here
+                    if stopping:
+                        break
                     print(f"error: {service.name} exited with code {code}; stopping.", file=sys.stderr)
                     return 1
             time.sleep(0.5)
@@ -125,3 +132,4 @@ def start(
         print("Stopping …", flush=True)
         stop_all(services)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
