@@ -41,7 +41,7 @@ from training.phases.context import (
     step_generator,
     write_json,
 )
-from training.phases.loop import LoopPhase, Validation, run_epochs
+from training.phases.loop import LoopPhase, Validation, fmt_dice, run_epochs
 
 log = logging.getLogger("training.coarse")
 PHASE = "coarse"
@@ -277,7 +277,7 @@ class CoarseFold(LoopPhase):
                 "lr": self.lr(),
             }
         losses = {"val": report["loss"]} if report["loss"] is not None else {}
-        return Validation(dice=dice, entry=entry, losses=losses, summary=f"val Dice {_fmt(dice)}")
+        return Validation(dice=dice, entry=entry, losses=losses, summary=f"val Dice {fmt_dice(dice)}")
 
     def validate(self, epoch: int, train_losses: dict[str, float]) -> Validation:
         self.model.eval()
@@ -294,10 +294,6 @@ class CoarseFold(LoopPhase):
             config=self.cfg.model_dump(mode="json"),
         )
         save_checkpoint(self.fold_dir / "oof_probs.pt", fold=self.fold, epoch=epoch, probs=self.val_probs)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def train_coarse_fold(ctx: RunContext, fold: int) -> dict:

@@ -43,7 +43,7 @@ from training.phases.context import (
     final_fold_of,
     write_json,
 )
-from training.phases.loop import LoopPhase, Validation, run_epochs
+from training.phases.loop import LoopPhase, Validation, fmt_dice, run_epochs
 from training.phases.refiner_finetune import (
     EmbeddingBank,
     load_phase2_refiner,
@@ -298,7 +298,8 @@ class EndToEndTraining(LoopPhase):
             phase=PHASE,
             dice=report["dice_refined"],
             message=(
-                f"baseline: coarse Dice {_fmt(report['dice_coarse'])}, refined {_fmt(report['dice_refined'])}"
+                f"baseline: coarse Dice {fmt_dice(report['dice_coarse'])}, "
+                f"refined {fmt_dice(report['dice_refined'])}"
             ),
             extra={"stage": "baseline", "split": "val", "n_images": report["n_images"], **self.baseline},
         )
@@ -390,7 +391,7 @@ class EndToEndTraining(LoopPhase):
             dice=dice,
             entry=entry,
             event={"dice_coarse": report["dice_coarse"], "lr_coarse": entry["lr_coarse"]},
-            summary=f"val Dice coarse {_fmt(report['dice_coarse'])} → refined {_fmt(dice)}",
+            summary=f"val Dice coarse {fmt_dice(report['dice_coarse'])} → refined {fmt_dice(dice)}",
         )
 
     def save_best(self, epoch: int, validation: Validation) -> None:
@@ -410,7 +411,3 @@ def _group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
         if group.get("name") == name:
             return group["lr"]
     return None
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

@@ -171,7 +171,8 @@ class LoopPhase:
         raise NotImplementedError
 
 
-def _fmt(value: float | None) -> str:
+def fmt_dice(value: float | None) -> str:
+    """A Dice (or loss) for a log line: four decimals, ``n/a`` when there is none."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
@@ -193,7 +194,7 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
             state.history.append({"epoch": -1, **start.entry, "start": True})
             state.best = {"epoch": -1, "dice": start.dice, "dice_score": start.score, **start.best}
             phase.save_best(-1, start)
-            log.info("%s: the starting weights validate at %s", phase.label, _fmt(start.dice))
+            log.info("%s: the starting weights validate at %s", phase.label, fmt_dice(start.dice))
     state.start_clock()
 
     def save_last(epoch: int, step: int) -> None:
@@ -255,7 +256,7 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
             phase.label,
             epoch + 1,
             phase.epochs,
-            _fmt(train_loss),
-            validation.summary or f"val Dice {_fmt(validation.dice)}",
+            fmt_dice(train_loss),
+            validation.summary or f"val Dice {fmt_dice(validation.dice)}",
         )
     return state

@@ -46,7 +46,7 @@ from training.phases.context import (
     read_json,
     write_json,
 )
-from training.phases.loop import LoopPhase, Validation, run_epochs
+from training.phases.loop import LoopPhase, Validation, fmt_dice, run_epochs
 
 log = logging.getLogger("training.refiner")
 AUGMENT_PHASE = "augment"
@@ -544,7 +544,7 @@ class RefinerTraining(LoopPhase):
             entry=entry,
             best={"dice_coarse": report["dice_coarse"]},
             event={"dice_coarse": report["dice_coarse"]},
-            summary=f"val Dice coarse {_fmt(report['dice_coarse'])} → refined {_fmt(dice)}",
+            summary=f"val Dice coarse {fmt_dice(report['dice_coarse'])} → refined {fmt_dice(dice)}",
         )
 
     def save_best(self, epoch: int, validation: Validation) -> None:
@@ -558,7 +558,3 @@ class RefinerTraining(LoopPhase):
         )
         if epoch >= 0:  # the starting weights are the run's input, not a phase-2b result
             save_checkpoint(self.phase_dir / "sam_refiner.pth", **self.refiner.sam_state_dict())
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
