@@ -36,6 +36,7 @@ from backend.app.engines import ENGINE_NAMES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.inference import Predictor
+from training.machine import describe
 from training.modeling.losses import dice_score
 
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     masks: dict[str, list[np.ndarray]] = {}
     report: dict = {
+        "machine": describe(),
         "n_images": len(samples),
         "images": "test split" if args.split_file else "first benign/malignant",
         "prompt": args.prompt,

@@ -36,6 +36,7 @@ from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
 from training.inference import Predictor
+from training.machine import describe
 from training.modeling.losses import dice_score
 
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         return round(statistics.fmean(values), 4) if values else None
 
     report = {
+        "machine": describe(),
         "model_version": predictor.model_version,
         "engine": args.engine,
         "fold": args.fold,

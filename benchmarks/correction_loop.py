@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from training.config import REPO_ROOT, SHARED_DATA_ROOT, TrainingConfig
+from training.machine import describe
 
 
 def _union_mask(sample, work: Path) -> Path:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         busi_test = busi_test[: args.busi_limit]
     onnx_dir = work / "onnx"
     report = {
-        "machine": platform.machine(),
+        "machine": describe(),
         "engine": engine,
         "init_from": str(args.init_from),
         "saved_images": [s.id for s in to_save],

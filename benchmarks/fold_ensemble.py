@@ -27,6 +27,7 @@ from training.data.datasets import list_samples
 from training.data.splits import Split
 from training.evaluate import evaluate
 from training.inference import Predictor
+from training.machine import describe
 from training.modeling.coarse_registry import build_coarse
 from training.phases.context import COARSE_DIR
 from training.phases.refiner_finetune import embedding_cache_for
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor.coarse = MeanLogits(folds)
     results[f"mean_of_{len(folds)}_folds"] = _summary(evaluate(predictor, samples, embedding_cache=cache))
     report = {
+        "machine": describe(),
         "model_version": predictor.model_version,
         "run_dir": str(run),
         "n_images": len(samples),

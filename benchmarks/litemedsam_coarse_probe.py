@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,17 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import REPO_ROOT, SHARED_DATA_ROOT
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return sorted(f for f in flags if f.startswith(("avx", "amx")))
+from training.machine import describe, has_native_bf16
 
 
 class Block(nn.Module):
@@ -133,16 +122,71 @@ class SamDecoderHead(nn.Module):
         return torch.cat(logits), torch.cat(presence)
 
 
-def encode(encoder, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """TinyViT on ``B×3×256²`` → (stage-1 ``B×160×64²``, neck ``B×256×64²``), float16."""
+def encode_tokens(encoder, image: torch.Tensor) -> torch.Tensor:
+    """TinyViT patch embedding + stages 0–1 on ``B×3×256²`` → ``B×4096×160`` tokens (64² grid)."""
     x = encoder.patch_embed(image)
     x = encoder.layers[0](x)
-    x = encoder.layers[1](x)
-    stage1 = x.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2)
-    for layer in encoder.layers[2:]:
+    return encoder.layers[1](x)
+
+
+def stage1_map(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.view(tokens.shape[0], 64, 64, -1).permute(0, 3, 1, 2)
+
+
+def late_stages(layers, neck, tokens: torch.Tensor) -> torch.Tensor:
+    """Stages 2–3 and the neck on stage-1 tokens → ``B×256×64²`` embedding."""
+    x = tokens
+    for layer in layers:
         x = layer(x)
-    neck = encoder.neck(x.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2))
-    return stage1.half(), neck.half()
+    return neck(x.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2))
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha/r)·B·A`` (B starts at 0)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.down = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.down), self.up) * self.scale
+
+
+class Trunk(nn.Module):
+    """A copy of the encoder's stages 2–3 and neck for the coarse head, fine-tuned either with
+    low-rank adapters on every linear layer (``lora``; the copy's own weights stay the refiner's)
+    or entirely (``late``). Batch norms keep the pretrained statistics (eval mode throughout)."""
+
+    def __init__(self, encoder, mode: str, rank: int) -> None:
+        import copy
+
+        super().__init__()
+        self.layers = copy.deepcopy(encoder.layers[2:])
+        self.neck = copy.deepcopy(encoder.neck)
+        for parameter in self.parameters():
+            parameter.requires_grad_(mode == "late")
+        if mode == "lora":
+            for module in list(self.layers.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(module, name, LoRALinear(child, rank, alpha=2.0 * rank))
+        self.eval()
+
+    def train(self, mode: bool = True):  # pretrained batch-norm statistics and bias tables stay
+        return super().train(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return late_stages(self.layers, self.neck, tokens)
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    names = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k in names}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--head", choices=("dilated", "sam-decoder"), default="dilated")
     parser.add_argument(
+        "--tune",
+        choices=("none", "lora", "late"),
+        default="none",
+        help="Fine-tune a copy of the encoder's stages 2–3 + neck for the head (stage-1 tokens cached): "
+        "low-rank adapters on every linear layer, or all of it. The refiner keeps the frozen encoder.",
+    )
+    parser.add_argument("--tune-lr", type=float, default=5e-4, help="Peak learning rate of the tuned trunk.")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument(
         "--busbra-root",
         type=Path,
         default=SHARED_DATA_ROOT / "BUSBRA-sample",
@@ -168,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    bf16 = "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags()
+    bf16 = has_native_bf16()
 
     from training.data.datasets import list_samples, load_image, load_mask
     from training.data.splits import Split
@@ -203,7 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
             views = [refiner_image[None]]
             if sample_id in train:
                 views.append(refiner_image[None].flip(-1))
-            features = [encode(encoder, view) for view in views]
+            tokens = [encode_tokens(encoder, view) for view in views]
+            # The frozen embedding: what the refiner decodes (validation) and, untuned, the head's input.
+            necks = [
+                late_stages(encoder.layers[2:], encoder.neck, t)
+                for t in (tokens if args.tune == "none" else tokens[:1] if sample_id not in train else [])
+            ]
             with torch.autocast("cpu", enabled=False):  # the shipped TransUNet as served (fp32)
                 transunet = predictor.coarse(coarse_input(image, predictor.coarse_size)[None])
                 transunet = geometry.to_refiner(transunet.float().softmax(1)[:, 1:2])
@@ -211,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "transunet": transunet.half(),
                 "image": refiner_image.half(),
                 "target": target[0].half(),
-                "features": features,
+                "tokens": [t.half() for t in tokens],
+                "necks": [n.half() for n in necks],
                 "geometry": geometry,
                 "mask": mask,
                 "label": sample.label,
@@ -226,31 +285,49 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         head = Head(args.width)
     parameters = sum(p.numel() for p in head.parameters())
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01)
+    groups = [{"params": list(head.parameters()), "lr": args.lr}]
+    trunk = None
+    tuned_parameters = 0
+    if args.tune != "none":
+        trunk = Trunk(encoder, args.tune, args.lora_rank)
+        tuned = [p for p in trunk.parameters() if p.requires_grad]
+        tuned_parameters = sum(p.numel() for p in tuned)
+        groups.append({"params": tuned, "lr": args.tune_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
     )
 
+    def embedding(tokens: torch.Tensor, entry: dict | None = None, view: int = 0) -> torch.Tensor:
+        """The head's embedding input: the tuned trunk's, or the cached frozen one."""
+        if trunk is None:
+            return entry["necks"][view].float()
+        return trunk(tokens)
+
     def batch(ids: list[str], flips: list[bool]):
-        stage1, neck, images, targets = [], [], [], []
+        tokens, neck, images, targets = [], [], [], []
         for sample_id, flip in zip(ids, flips, strict=True):
             entry = cache[sample_id]
-            s1, nk = entry["features"][1 if flip else 0]
+            view = 1 if flip else 0
+            tokens.append(entry["tokens"][view].float())
+            if trunk is None:
+                neck.append(entry["necks"][view].float())
             image, target = entry["image"][None].float(), entry["target"][None].float()
             if flip:
                 image, target = image.flip(-1), target.flip(-1)
-            stage1.append(s1.float())
-            neck.append(nk.float())
             images.append(image)
             targets.append(target)
-        return torch.cat(stage1), torch.cat(neck), torch.cat(images), torch.cat(targets)
+        tokens = torch.cat(tokens)
+        return tokens, (torch.cat(neck) if neck else None), torch.cat(images), torch.cat(targets)
 
     def predict(sample_id: str) -> tuple[torch.Tensor, float]:
         entry = cache[sample_id]
-        s1, nk = entry["features"][0]
+        tokens = entry["tokens"][0].float()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, presence = head(s1.float(), nk.float(), entry["image"][None].float())
+            logits, presence = head(
+                stage1_map(tokens), embedding(tokens, entry), entry["image"][None].float()
+            )
         return torch.sigmoid(logits.float()), float(torch.sigmoid(presence.float())[0])
 
     def validate(
@@ -280,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
                 refined = native
                 if found:
                     with torch.inference_mode():
-                        output = predictor.refiner(entry["features"][0][1].float(), probs, valid=valid)
+                        output = predictor.refiner(entry["necks"][0].float(), probs, valid=valid)
                     refined = torch.sigmoid(geometry.from_refiner(output.refined_logits.float()))[
                         0, 0
                     ].numpy()
@@ -307,9 +384,10 @@ def main(argv: list[str] | None = None) -> dict:
         for start in range(0, len(order), args.batch_size):
             ids = [train[i] for i in order[start : start + args.batch_size]]
             flips = (torch.rand(len(ids), generator=generator) < 0.5).tolist()
-            stage1, neck, images, targets = batch(ids, flips)
+            tokens, neck, images, targets = batch(ids, flips)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits, presence = head(stage1, neck, images)
+                neck = trunk(tokens) if trunk is not None else neck
+                logits, presence = head(stage1_map(tokens), neck, images)
             logits, presence = logits.float(), presence.float()
             present = (targets.flatten(1).amax(1) > 0).float()
             probs = torch.sigmoid(logits)
@@ -323,14 +401,22 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             schedule.step()
             losses.append(float(loss))
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), **validate()}
+        entry = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            **validate(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
         history.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
         if best is None or (entry["dice"] or 0) > (best["dice"] or 0):
             best = entry
             best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            best_trunk = trainable_state(trunk) if trunk is not None else None
     train_s = time.monotonic() - started
     head.load_state_dict(best_state)
+    if trunk is not None:
+        trunk.load_state_dict(best_trunk, strict=False)
     final = validate(refine=True)
     final_other = validate(refine=True, ids=other_ids) if other_ids else None
     variants = {
@@ -361,14 +447,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     report = {
-        "machine": platform.machine(),
-        "cpu_flags": _cpu_flags(),
+        "machine": describe(),
         "bf16_autocast": bf16,
         "fold": args.fold,
         "n_train": len(train),
         "n_val": len(val),
         "head": args.head,
         "head_parameters": parameters,
+        "tune": args.tune,
+        "tune_lr": args.tune_lr if trunk is not None else None,
+        "lora_rank": args.lora_rank if args.tune == "lora" else None,
+        "tuned_parameters": tuned_parameters,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,

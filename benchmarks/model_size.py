@@ -19,6 +19,7 @@ import time
 import torch
 
 from training.config import TrainingConfig, TransUNetConfig
+from training.machine import describe
 from training.modeling.losses import coarse_loss
 from training.modeling.transunet import build_transunet, count_parameters, estimate_gflops
 
@@ -60,7 +61,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "configs": {}}
+    report: dict = {"machine": describe(), "configs": {}}
     for name in ("compact", "full"):
         cfg = TransUNetConfig.named(name)
         with torch.device("meta"):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,17 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import REPO_ROOT, SHARED_DATA_ROOT
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return sorted(f for f in flags if f.startswith(("avx", "amx")))
+from training.machine import describe
 
 
 def pooled(embedding: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
@@ -216,8 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         report_variants[name] = entry
 
     report = {
-        "machine": platform.machine(),
-        "cpu_flags": _cpu_flags(),
+        "machine": describe(),
         "fold": args.fold,
         "n_train": len(train),
         "n_val": len(val),

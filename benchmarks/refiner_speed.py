@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 
 from backend.app.engines import DEFAULT_ENGINE, ENGINE_CHOICES, resolve_engine
 from training.config import RefinerConfig
+from training.machine import describe
 from training.modeling.refiner import build_refiner
 
 
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     sam = time_backbone("sam_vit_b", args.repeats, args.warmup)
     report = {
         "device": "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": describe(),
         "litemedsam": lite,
         "sam_vit_b": sam,
         "ratio_forward_sam_vit_b_over_litemedsam": round(sam["forward_ms"] / lite["forward_ms"], 2),

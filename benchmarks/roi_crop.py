@@ -28,6 +28,7 @@ from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
 from training.inference import Predictor
+from training.machine import describe
 from training.modeling.losses import dice_score
 
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor.refiner.cfg.roi_mode = roi_default
 
     report = {
+        "machine": describe(),
         "model_version": predictor.model_version,
         "prompt": "ground-truth box",
         "fold": args.fold,

@@ -31,6 +31,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from training.machine import describe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "BUSI" / "Dataset_BUSI_with_GT" / "benign"
 
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not r["ok"]:
             errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
     report = {
+        "client_machine": describe(),  # where this client ran: the server's when the URL is local
         "url": base,
         "model_version": ready.get("model_version"),
         "inference_engine": ready.get("inference_engine"),

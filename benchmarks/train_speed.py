@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.machine import describe
+
 
 def main(argv: list[str] | None = None) -> dict:
     from training.checkpoints import build_seeded_refiner
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     recompute_s, recompute_loss = epoch(recomputed_embeddings)
     steps = math.ceil(len(items) / args.batch_size)
     result = {
+        "machine": describe(),
         "benchmark": "phase2_epoch_cache_vs_recompute",
         "dataset": args.dataset,
         "images": len(items),
