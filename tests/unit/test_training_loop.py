@@ -11,7 +11,7 @@ from training.callbacks import EventRecorder, TrainingCallback, TrainingCancelle
 from training.checkpoints import load_checkpoint
 from training.config import TrainingConfig
 from training.phases.context import RunContext
-from training.phases.loop import LoopPhase, Validation, run_epochs
+from training.phases.loop import LoopPhase, Validation, baseline_validation, run_epochs
 
 
 class ScriptedPhase(LoopPhase):
@@ -131,3 +131,29 @@ def test_a_cancelled_run_resumes_at_the_next_step_with_the_same_batches(tmp_path
     assert float(resumed.weight) == float(straight.weight)
     assert state.best["epoch"] == 1 and [h["epoch"] for h in state.history] == [0, 1, 2]
     assert resumed.saved == [1]  # epoch 0's best was saved by the cancelled run
+
+
+def test_a_baseline_report_becomes_the_event_and_the_ranked_candidate(tmp_path):
+    recorder = EventRecorder()
+    report = {"n_images": 12, "dice_coarse": 0.61, "dice_refined": 0.66}
+    start = baseline_validation(context(tmp_path, recorder), "refiner", report, best={"dice_coarse": 0.61})
+    (event,) = recorder.of_kind("evaluation")
+    assert event.phase == "refiner" and event.dice == 0.66
+    assert event.extra == {
+        "stage": "baseline",
+        "split": "val",
+        "n_images": 12,
+        "dice_coarse": 0.61,
+        "dice_refined": 0.66,
+    }
+    assert event.message == "baseline: coarse Dice 0.6100, refined 0.6600"
+    assert (start.dice, start.entry, start.best) == (
+        0.66,
+        {"val_dice_coarse": 0.61, "val_dice_refined": 0.66},
+        {"dice_coarse": 0.61},
+    )
+    # no lesion image to score: no Dice, and the candidate ranks below any epoch that has one
+    empty = baseline_validation(
+        context(tmp_path), "end-to-end", {"n_images": 0, "dice_coarse": None, "dice_refined": None}
+    )
+    assert empty.dice is None and empty.score == -1.0

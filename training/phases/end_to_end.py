@@ -43,7 +43,7 @@ from training.phases.context import (
     final_fold_of,
     write_json,
 )
-from training.phases.loop import LoopPhase, Validation, fmt_dice, run_epochs
+from training.phases.loop import LoopPhase, Validation, baseline_validation, fmt_dice, run_epochs
 from training.phases.refiner_finetune import (
     EmbeddingBank,
     load_phase2_refiner,
@@ -293,21 +293,9 @@ class EndToEndTraining(LoopPhase):
     def start(self) -> Validation:
         report = validate_joint(self.model, self.val_items, self.bank, self.ctx)
         self.baseline = {"dice_coarse": report["dice_coarse"], "dice_refined": report["dice_refined"]}
-        self.ctx.emit(
-            "evaluation",
-            phase=PHASE,
-            dice=report["dice_refined"],
-            message=(
-                f"baseline: coarse Dice {fmt_dice(report['dice_coarse'])}, "
-                f"refined {fmt_dice(report['dice_refined'])}"
-            ),
-            extra={"stage": "baseline", "split": "val", "n_images": report["n_images"], **self.baseline},
-        )
+        start = baseline_validation(self.ctx, PHASE, report)
         self.ctx.progress.set(f"{PHASE}/baseline", 1.0)
-        return Validation(
-            dice=report["dice_refined"],
-            entry={"val_dice_coarse": report["dice_coarse"], "val_dice_refined": report["dice_refined"]},
-        )
+        return start
 
     def begin_epoch(self, epoch: int) -> None:
         if coarse_is_trainable(epoch, self.cfg) and not self._coarse_in_optimizer():

@@ -176,6 +176,32 @@ def fmt_dice(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def baseline_validation(
+    ctx: RunContext, phase: str, report: dict, *, message: str | None = None, best: dict | None = None
+) -> Validation:
+    """The starting weights' evaluation (a refined-vs-coarse report of ``summarize``) as the
+    ``evaluation`` event of stage ``baseline`` and as the :class:`Validation` the loop ranks."""
+    coarse, refined = report["dice_coarse"], report["dice_refined"]
+    ctx.emit(
+        "evaluation",
+        phase=phase,
+        dice=refined,
+        message=message or f"baseline: coarse Dice {fmt_dice(coarse)}, refined {fmt_dice(refined)}",
+        extra={
+            "stage": "baseline",
+            "split": "val",
+            "n_images": report["n_images"],
+            "dice_coarse": coarse,
+            "dice_refined": refined,
+        },
+    )
+    return Validation(
+        dice=refined,
+        entry={"val_dice_coarse": coarse, "val_dice_refined": refined},
+        best=dict(best or {}),
+    )
+
+
 def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
     """Train ``phase`` for its epochs (resuming where its ``last.pt`` stopped); returns the state
     (history, best epoch, training time) for the phase's summary."""

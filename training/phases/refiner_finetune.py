@@ -46,7 +46,7 @@ from training.phases.context import (
     read_json,
     write_json,
 )
-from training.phases.loop import LoopPhase, Validation, fmt_dice, run_epochs
+from training.phases.loop import LoopPhase, Validation, baseline_validation, fmt_dice, run_epochs
 
 log = logging.getLogger("training.refiner")
 AUGMENT_PHASE = "augment"
@@ -470,22 +470,11 @@ class RefinerTraining(LoopPhase):
 
     def start(self) -> Validation:
         baseline = self._report()
-        self.ctx.emit(
-            "evaluation",
-            phase=PHASE,
-            dice=baseline["dice_refined"],
-            message="baseline (before fine-tuning)",
-            extra={
-                "stage": "baseline",
-                "split": "val",
-                "n_images": baseline["n_images"],
-                "dice_coarse": baseline["dice_coarse"],
-                "dice_refined": baseline["dice_refined"],
-            },
-        )
-        return Validation(
-            dice=baseline["dice_refined"],
-            entry={"val_dice_coarse": baseline["dice_coarse"], "val_dice_refined": baseline["dice_refined"]},
+        return baseline_validation(
+            self.ctx,
+            PHASE,
+            baseline,
+            message=f"baseline (before fine-tuning): refined Dice {fmt_dice(baseline['dice_refined'])}",
             best={"dice_coarse": baseline["dice_coarse"]},
         )
 
