@@ -31,7 +31,14 @@ from training.checkpoints import (
     validate_bundle,
 )
 from training.config import TrainingConfig
-from training.data.transforms import Geometry, coarse_input, is_blank, refiner_input, to_gray
+from training.data.transforms import (
+    Geometry,
+    coarse_input,
+    full_scale,
+    is_blank,
+    refiner_input,
+    to_gray,
+)
 from training.evaluate import coarse_finds_lesion, refines_coarse
 from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
 
@@ -202,11 +209,14 @@ class Predictor:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         computed = None
-        if points is None and box is None and is_blank(image, self.config.refiner.blank_image_std):
+        # Gray once: the blank check and both network inputs read it (to_gray of gray is itself).
+        scale, image = full_scale(image), to_gray(image)
+        blank_std = self.config.refiner.blank_image_std
+        if points is None and box is None and is_blank(image, blank_std, scale=scale):
             # A uniform frame has no lesion: answered before any network runs (and not refined).
             if point_labels is not None:
                 raise ValueError("point_labels given without points")
-            empty = np.zeros(to_gray(image).shape, dtype=np.float32)
+            empty = np.zeros(image.shape, dtype=np.float32)
             timings["total"] = (time.perf_counter() - started) * 1000.0
             return Prediction(coarse_probs=empty, refined_probs=empty.copy(), iou=0.0, timings_ms=timings)
         with torch.inference_mode():

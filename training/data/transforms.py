@@ -57,14 +57,15 @@ def full_scale(image: np.ndarray) -> float:
     return max(1.0, peak)
 
 
-def is_blank(image: np.ndarray, min_std: float) -> bool:
+def is_blank(image: np.ndarray, min_std: float, scale: float | None = None) -> bool:
     """Whether ``image`` is (near) uniform: its gray standard deviation is below ``min_std`` of its
     :func:`full_scale` (a black frame, a flat test pattern). Such an image has no lesion to find,
-    and min-max scaling would only blow its noise up into a texture. ``min_std`` 0: never."""
+    and min-max scaling would only blow its noise up into a texture. ``min_std`` 0: never.
+    ``scale``: the full scale of the image ``image`` was converted from, when it is already gray."""
     if min_std <= 0:
         return False
     gray = to_gray(image)
-    return float(gray.std()) < min_std * full_scale(image)
+    return float(gray.std()) < min_std * (full_scale(image) if scale is None else scale)
 
 
 def min_max(gray: np.ndarray | torch.Tensor):
