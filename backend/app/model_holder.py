@@ -154,7 +154,7 @@ class ModelHolder:
         predictor = Predictor.from_bundle(path, device=self.settings.device)
         from backend.app.engines import AccelerationError, get_engine, resolve_engine
 
-        engine = resolve_engine(self.settings.inference_engine)
+        engine = resolve_engine(self.settings.inference_engine, predictor.device)
         try:
             get_engine(engine).prepare_predictor(predictor, self.settings.onnx_cache_dir)
         except AccelerationError as error:

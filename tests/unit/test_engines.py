@@ -183,6 +183,13 @@ def test_auto_resolves_by_cpu(monkeypatch):
     monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: False)
     assert registry.resolve_engine("auto") == "onnx-int8"
     assert registry.resolve_engine("onnx") == "onnx"  # an explicit engine is kept
+    # on a GPU, auto is the engine that runs there (no "unavailable, serving with torch" warning)
+    monkeypatch.setattr(registry, "cpu_has_native_bf16", lambda: True)
+    assert registry.resolve_engine("auto", device="cuda:0") == "torch"
+    assert registry.resolve_engine("auto", device="cpu") == "openvino-bf16"
+    assert registry.resolve_engine("onnx-int8", device="cuda") == "onnx-int8"  # then refused by name
+    with pytest.raises(registry.AccelerationError, match="CPU only"):
+        registry.get_engine("onnx-int8", device="cuda").check_device("cuda")
     with pytest.raises(ValueError, match="known: torch, onnx"):
         registry.resolve_engine("tensorrt")
 

@@ -7,7 +7,8 @@ runtimes share :mod:`.graph` and :mod:`.onnx_export`), one list of names
 
 ``auto`` (:func:`resolve_engine`), the default, picks ``openvino-bf16`` where the CPU has native
 bf16, else ``onnx-int8``: the fastest engine measured on each kind of CPU, both within the allowed
-Dice drop of torch (README, Measured numbers).
+Dice drop of torch (README, Measured numbers). On a CUDA device it picks ``torch``, the one engine
+that runs there.
 """
 
 from __future__ import annotations

@@ -23,5 +23,5 @@ ENGINE_HELP = (
     "'torch' (eager), 'onnx' (ONNX Runtime fp32), 'onnx-int8' (ONNX Runtime, int8 dynamic "
     "quantisation of the encoder's MatMuls), 'openvino' (OpenVINO fp32), 'openvino-bf16' (OpenVINO "
     "bf16; CPUs with native bf16) or 'auto' (default: openvino-bf16 where the CPU has native bf16, "
-    "else onnx-int8)"
+    "else onnx-int8; torch on a CUDA device)"
 )

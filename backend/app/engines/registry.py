@@ -16,19 +16,22 @@ if set(_registered) != set(ENGINE_NAMES):  # pragma: no cover - a programming er
 ENGINES: dict[str, type[Engine]] = {name: _registered[name] for name in ENGINE_NAMES}
 
 
-def resolve_engine(choice: str) -> str:
-    """``"auto"`` → ``"openvino-bf16"`` (native bf16 here) else ``"onnx-int8"``; an engine name is
+def resolve_engine(choice: str, device: object = "cpu") -> str:
+    """``"auto"`` → on a CPU ``"openvino-bf16"`` (native bf16 here) else ``"onnx-int8"``; on a GPU
+    (``device`` other than ``cpu``) the first engine that runs there (``torch``). An engine name is
     returned as it is; anything else is a ``ValueError`` naming the choices."""
     if choice == AUTO:
+        if str(device) != "cpu":
+            return next(name for name, cls in ENGINES.items() if cls.runs_on_cuda)
         return "openvino-bf16" if cpu_has_native_bf16() else "onnx-int8"
     if choice not in ENGINES:
         raise ValueError(f"unknown inference engine {choice!r}; known: {', '.join(ENGINE_CHOICES)}")
     return choice
 
 
-def get_engine(choice: str) -> Engine:
-    """The engine for a name or ``auto``."""
-    return ENGINES[resolve_engine(choice)]()
+def get_engine(choice: str, device: object = "cpu") -> Engine:
+    """The engine for a name or ``auto`` (resolved for ``device``)."""
+    return ENGINES[resolve_engine(choice, device)]()
 
 
 def accelerate_predictor(predictor, engine: str, cache_dir: Path):
@@ -37,11 +40,12 @@ def accelerate_predictor(predictor, engine: str, cache_dir: Path):
     Raises :class:`AccelerationError` when the engine cannot be prepared, leaving the predictor
     unchanged (the caller decides whether to fall back to torch).
     """
-    return get_engine(engine).prepare_predictor(predictor, Path(cache_dir))
+    device = getattr(predictor, "device", "cpu")
+    return get_engine(engine, device).prepare_predictor(predictor, Path(cache_dir))
 
 
 def accelerate_refiner(refiner, engine: str, cache_dir: Path, device="cpu"):
     """Run a refiner's image encoder and mask decoder on ``engine`` (in place); returns it."""
-    chosen = get_engine(engine)
+    chosen = get_engine(engine, device)
     chosen.check_device(device)
     return chosen.prepare_refiner(refiner, Path(cache_dir))
