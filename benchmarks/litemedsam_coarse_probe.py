@@ -23,8 +23,16 @@ prompt, on the neck embedding alone; its IoU output is trained as the lesion-pre
 heads are also reported averaged with the shipped TransUNet's probabilities (``ensemble``), with
 and without the head's presence gate.
 
+With ``--tune lora|late`` the encoder is fine-tuned for the head, on a CPU budget: stages 0–1
+(patch embedding, the 128² MBConv stage and the first 64² stage: three quarters of the encoder's
+forward time, a tenth of its weights) stay frozen and their tokens are cached; a copy of stages 2–3
+and the neck is trained with the head, either through low-rank adapters on each of its linear layers
+(``lora``, ``--lora-rank``; the copy's weights stay the refiner's) or entirely (``late``). The
+refiner keeps decoding the frozen embedding, so serving such a head would share the frozen stages
+0–1 and run stages 2–3 twice (frozen for the refiner, tuned for the coarse head).
+
     python benchmarks/litemedsam_coarse_probe.py [--fold 0] [--epochs 30] [--width 96] [--limit N]
-        [--head dilated|sam-decoder]
+        [--head dilated|sam-decoder] [--tune none|lora|late] [--tune-lr 5e-4] [--lora-rank 8]
 """
 
 from __future__ import annotations
