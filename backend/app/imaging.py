@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from backend.app import gdcm_isolation
+
 ImageKind = Literal["png", "jpeg", "bmp", "tiff", "dicom"]
 
 #: Content types accepted for each kind (informative; the bytes decide, not the header).
@@ -277,18 +279,38 @@ def read_dicom_header(data: bytes):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=sniff_kind(data) != "dicom")
+        ds = pydicom.dcmread(io.BytesIO(data), force=sniff_kind(data) != "dicom")
     except InvalidDicomError:
         raise ImageError("the file is not a valid DICOM Part 10 file") from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
         raise ImageError(
             f"the DICOM file could not be parsed: truncated or corrupt ({type(exc).__name__})"
         ) from None
+    _drop_unreadable(ds)
+    return ds
+
+
+def _drop_unreadable(ds) -> None:
+    """Convert every element now, dropping those that cannot be read (an unknown value
+    representation, a corrupt length, …) instead of letting the first later access fail: pydicom
+    parses values lazily, so a broken element would otherwise surface wherever it is read (the
+    SEG writer, the spacing), long after decoding said the file was fine. A dropped element that
+    decoding needs is then reported as missing, by name."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+            items = list(element.value) if element.VR == "SQ" else []
+        except Exception:
+            del ds[tag]
+            continue
+        for item in items:
+            _drop_unreadable(item)
 
 
 def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_000_000) -> DecodedImage:
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+    gdcm_isolation.keep_gdcm_out_of_process()  # GDCM aborts the process on some corrupt data
     ds = read_dicom_header(data)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError("the DICOM file has no pixel data (PixelData is missing)")
@@ -324,7 +346,7 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     syntax = _transfer_syntax(ds)
 
     try:
-        array = pixel_array(ds, index=index if n_frames > 1 else None)
+        array = _frame_array(ds, data, syntax, index if n_frames > 1 else None)
         if n_frames > 1 and array.ndim >= 3 and array.shape[0] == 1 and array.shape[1:3] != (rows, columns):
             array = array[0]
         if array.shape[:2] != (rows, columns):
@@ -362,6 +384,14 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         raise ImageError(
             f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
         ) from None
+    except BaseException as exc:
+        # A decoder written in Rust (pylibjpeg-rle) panics on some corrupt data, and PyO3 raises
+        # that as ``PanicException``, a BaseException: the upload's problem, not the server's.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise ImageError(
+            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
+        ) from None
 
     # Keep the header for DICOM-SEG output, without the (potentially large) pixel data.
     for keyword in ("PixelData",):
@@ -375,6 +405,22 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         pixel_spacing_mm=dicom_pixel_spacing_mm(ds),
         dataset=ds,
     )
+
+
+def _frame_array(ds, data: bytes, syntax, index: int | None) -> np.ndarray:
+    """pydicom's in-process decoders, then GDCM in a child process when every one of them failed
+    on compressed data (:mod:`backend.app.gdcm_isolation`); their error when that fails too."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(ds, index=index)
+    except RuntimeError as exc:
+        if not (syntax.is_compressed and "plugins" in str(exc)):
+            raise
+        array = gdcm_isolation.decode_frame(data, index, syntax)
+        if array is None:
+            raise
+        return array
 
 
 def _syntax_label(syntax) -> str:

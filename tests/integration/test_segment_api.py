@@ -595,3 +595,23 @@ def test_a_black_frame_gets_no_lesion(client, mode):
     for name in ("coarse", "refined"):
         assert body[name]["area_px"] == 0
         assert not decode_mask(body[name]["mask_png"]).any()
+
+
+def test_dicom_that_kills_native_decoders_is_a_4xx_and_the_server_goes_on(client):
+    # Found by fuzzing (tests/unit/test_dicom_files.py): GDCM aborts the process on the first file,
+    # pylibjpeg-rle panics on the second. Both are answered; the server stays up.
+    from pydicom.data import get_testdata_file
+
+    def patched(name: str, offset: int, replacement: bytes) -> bytes:
+        data = bytearray(Path(get_testdata_file(name)).read_bytes())
+        data[offset : offset + len(replacement)] = replacement
+        return bytes(data)
+
+    for data, status in (
+        (patched("SC_rgb_jpeg.dcm", 972, bytes([0xFE, 0xA1, 0xC0, 0xBD])), 415),
+        (patched("rtdose_rle.dcm", 1897, bytes([137, 148, 243, 200])), 422),
+    ):
+        response = post_image(client, data, filename="scan.dcm", content_type="application/dicom")
+        assert response.status_code == status, response.text
+        assert "could not be decoded" in response.json()["detail"]
+    assert client.get("/health").status_code == 200

@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,85 @@ def test_seg_passes_dciodvfy(source, segments, tmp_path):
             assert int(item.ReferencedFrameNumber) == 2
         else:
             assert "ReferencedFrameNumber" not in item
+
+
+# --- native decoders that take the process down -------------------------------------------------
+# Found by fuzzing uploads (byte flips of pydicom's test files): four changed bytes in a JPEG
+# Baseline file make GDCM abort the interpreter (std::terminate on a gdcm::Exception), and four in
+# an RLE file make pylibjpeg-rle panic (PyO3's PanicException, a BaseException).
+
+
+def _patched(name: str, offset: int, replacement: bytes) -> bytes:
+    data = bytearray(_file(name))
+    data[offset : offset + len(replacement)] = replacement
+    return bytes(data)
+
+
+GDCM_ABORT = ("SC_rgb_jpeg.dcm", 972, bytes([0xFE, 0xA1, 0xC0, 0xBD]))
+RLE_PANIC = ("rtdose_rle.dcm", 1897, bytes([137, 148, 243, 200]))
+
+
+def test_gdcm_would_abort_the_process_so_it_never_decodes_in_it():
+    pytest.importorskip("gdcm")
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000, JPEGBaseline8Bit, JPEGLSLossless
+
+    # The hazard is real: GDCM in-process on this file kills the interpreter (SIGABRT).
+    child = (
+        "import io, sys, pydicom\n"
+        "from pydicom.pixels import pixel_array\n"
+        "pixel_array(pydicom.dcmread(io.BytesIO(sys.stdin.buffer.read())), decoding_plugin='gdcm')\n"
+    )
+    aborted = subprocess.run(
+        [sys.executable, "-c", child], input=_patched(*GDCM_ABORT), capture_output=True, timeout=120
+    )
+    assert aborted.returncode not in (0, 1)  # killed by a signal, not a Python exception
+
+    with pytest.raises(ImageError) as info:
+        decode_image(_patched(*GDCM_ABORT))
+    assert 400 <= info.value.status_code < 500  # and this process is still here to see it
+    for syntax in (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000):
+        assert "gdcm" not in get_decoder(syntax).available_plugins
+
+
+def test_gdcm_in_its_child_process_decodes_like_the_in_process_decoders():
+    pytest.importorskip("gdcm")
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    from backend.app import gdcm_isolation
+
+    decode_image(_file("SC_rgb_jpeg_gdcm.dcm"))  # GDCM leaves the process on first use
+    expected = decode_image(_file("SC_rgb_jpeg_gdcm.dcm")).pixels.astype(int)
+    frame = gdcm_isolation.decode_frame(_file("SC_rgb_jpeg_gdcm.dcm"), None, JPEGBaseline8Bit)
+    assert frame is not None and frame.shape == expected.shape == (100, 100, 3)
+    assert np.abs(frame.astype(int) - expected).max() <= 2  # libjpeg builds round YCbCr→RGB alike
+    # RLE has no GDCM decoder in pydicom: nothing to try in a child
+    assert not gdcm_isolation.can_decode(RLELossless)
+    assert gdcm_isolation.decode_frame(_patched(*GDCM_ABORT), None, JPEGBaseline8Bit) is None
+
+
+def test_a_decoder_panic_is_a_422_not_an_escaped_base_exception():
+    with pytest.raises(ImageError) as info:
+        decode_image(_patched(*RLE_PANIC))
+    assert info.value.status_code == 422
+    assert "PanicException" in info.value.detail
+
+
+def test_an_element_that_cannot_be_read_is_dropped_at_decoding_not_raised_later():
+    data = make_dicom()
+    at = data.index(b"\x08\x00\x70\x00LO")  # Manufacturer (0008,0070), explicit VR "LO"
+    broken = data[: at + 4] + b"U\x02" + data[at + 6 :]  # an unknown value representation
+    with pytest.raises(NotImplementedError):  # what pydicom does on first access
+        pydicom.dcmread(io.BytesIO(broken)).Manufacturer  # noqa: B018
+    decoded = decode_image(broken)
+    assert decoded.pixels.shape == (48, 64)
+    assert "Manufacturer" not in decoded.dataset and "PatientName" in decoded.dataset
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[10:30, 20:40] = True
+    seg = build_dicom_seg(decoded, mask, mask, model_version="test")  # the header is safe to reuse
+    assert seg is not None
+    # the same for an element decoding needs: a clean 422 that names the attributes
+    at = data.index(b"\x28\x00\x11\x00US")  # Columns (0028,0011)
+    with pytest.raises(ImageError) as info:
+        decode_image(data[: at + 4] + b"U\x02" + data[at + 6 :])
+    assert info.value.status_code == 422 and "Columns" in info.value.detail

@@ -45,6 +45,11 @@ def decode_upload(
     except Exception as error:  # an unexpected decoder failure is still a bad input, never a 500
         log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
         raise ImageError(f"the image could not be decoded ({type(error).__name__})", 422) from None
+    except BaseException as error:  # a native decoder's panic (PyO3 PanicException) likewise
+        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
+        raise ImageError(f"the image could not be decoded ({type(error).__name__})", 422) from None
 
 
 def _decode(job: Job, max_pixels: int) -> DecodedImage:
