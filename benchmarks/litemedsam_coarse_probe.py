@@ -31,8 +31,12 @@ and the neck is trained with the head, either through low-rank adapters on each 
 refiner keeps decoding the frozen embedding, so serving such a head would share the frozen stages
 0–1 and run stages 2–3 twice (frozen for the refiner, tuned for the coarse head).
 
+``--tune full --device cuda`` fine-tunes a copy of the whole encoder from the image (mirror
+augmentation), the run a lent GPU is for; on the CPU it is ≈ 10–25 min per epoch.
+
     python benchmarks/litemedsam_coarse_probe.py [--fold 0] [--epochs 30] [--width 96] [--limit N]
-        [--head dilated|sam-decoder] [--tune none|lora|late] [--tune-lr 5e-4] [--lora-rank 8]
+        [--head dilated|sam-decoder] [--tune none|lora|late|full] [--tune-lr 5e-4] [--lora-rank 8]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -168,16 +172,21 @@ class LoRALinear(nn.Module):
 class Trunk(nn.Module):
     """A copy of the encoder's stages 2–3 and neck for the coarse head, fine-tuned either with
     low-rank adapters on every linear layer (``lora``; the copy's own weights stay the refiner's)
-    or entirely (``late``). Batch norms keep the pretrained statistics (eval mode throughout)."""
+    or entirely (``late``); with ``full`` a copy of the whole encoder, trained from the image
+    (a GPU job). Batch norms keep the pretrained statistics (eval mode throughout)."""
 
     def __init__(self, encoder, mode: str, rank: int) -> None:
         import copy
 
         super().__init__()
+        self.mode = mode
+        if mode == "full":
+            self.patch_embed = copy.deepcopy(encoder.patch_embed)
+            self.early = copy.deepcopy(encoder.layers[:2])
         self.layers = copy.deepcopy(encoder.layers[2:])
         self.neck = copy.deepcopy(encoder.neck)
         for parameter in self.parameters():
-            parameter.requires_grad_(mode == "late")
+            parameter.requires_grad_(mode in ("late", "full"))
         if mode == "lora":
             for module in list(self.layers.modules()):
                 for name, child in list(module.named_children()):
@@ -190,6 +199,11 @@ class Trunk(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return late_stages(self.layers, self.neck, tokens)
+
+    def from_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``full`` mode: refiner-input images → (stage-1 tokens, embedding), both tuned."""
+        tokens = self.early[1](self.early[0](self.patch_embed(images)))
+        return tokens, self(tokens)
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -214,11 +228,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head", choices=("dilated", "sam-decoder"), default="dilated")
     parser.add_argument(
         "--tune",
-        choices=("none", "lora", "late"),
+        choices=("none", "lora", "late", "full"),
         default="none",
         help="Fine-tune a copy of the encoder's stages 2–3 + neck for the head (stage-1 tokens cached): "
-        "low-rank adapters on every linear layer, or all of it. The refiner keeps the frozen encoder.",
+        "low-rank adapters on every linear layer, or all of it; 'full': the whole encoder from the image "
+        "(for a GPU). The refiner keeps the frozen encoder.",
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (caching, training, the head).")
     parser.add_argument("--tune-lr", type=float, default=5e-4, help="Peak learning rate of the tuned trunk.")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument(
@@ -229,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    bf16 = has_native_bf16()
+    device = torch.device(args.device)
+    bf16 = has_native_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
 
     from training.data.datasets import list_samples, load_image, load_mask
     from training.data.splits import Split
@@ -248,11 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     by_id.update({f"busbra:{s.id}": s for s in other})
     other_ids = [f"busbra:{s.id}" for s in other]
     predictor = Predictor.from_bundle(args.bundle)
-    encoder = predictor.refiner.image_encoder.eval()
+    encoder = predictor.refiner.image_encoder.eval().to(device)  # back to the CPU for the shipped model
 
     started = time.monotonic()
     cache: dict[str, dict] = {}
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for sample_id in [*train, *val, *other_ids]:
             sample = by_id[sample_id]
             image = load_image(sample.image_path)
@@ -261,24 +278,26 @@ def main(argv: list[str] | None = None) -> dict:
             target = (
                 geometry.to_refiner(torch.from_numpy(mask.astype(np.float32))[None, None]) >= 0.5
             ).float()
-            views = [refiner_image[None]]
+            views = [refiner_image[None].to(device)]
             if sample_id in train:
-                views.append(refiner_image[None].flip(-1))
-            tokens = [encode_tokens(encoder, view) for view in views]
+                views.append(views[0].flip(-1))
+            in_training = sample_id in train
+            # full: training images are encoded afresh each step, so nothing of them is cached
+            tokens = [] if args.tune == "full" and in_training else [encode_tokens(encoder, v) for v in views]
             # The frozen embedding: what the refiner decodes (validation) and, untuned, the head's input.
             necks = [
                 late_stages(encoder.layers[2:], encoder.neck, t)
-                for t in (tokens if args.tune == "none" else tokens[:1] if sample_id not in train else [])
+                for t in (tokens if args.tune == "none" else tokens[:1] if not in_training else [])
             ]
-            with torch.autocast("cpu", enabled=False):  # the shipped TransUNet as served (fp32)
+            with torch.autocast(device.type, enabled=False):  # the shipped TransUNet as served (fp32)
                 transunet = predictor.coarse(coarse_input(image, predictor.coarse_size)[None])
                 transunet = geometry.to_refiner(transunet.float().softmax(1)[:, 1:2])
             cache[sample_id] = {
                 "transunet": transunet.half(),
                 "image": refiner_image.half(),
                 "target": target[0].half(),
-                "tokens": [t.half() for t in tokens],
-                "necks": [n.half() for n in necks],
+                "tokens": [t.half().cpu() for t in tokens],
+                "necks": [n.half().cpu() for n in necks],
                 "geometry": geometry,
                 "mask": mask,
                 "label": sample.label,
@@ -296,8 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
     groups = [{"params": list(head.parameters()), "lr": args.lr}]
     trunk = None
     tuned_parameters = 0
+    head = head.to(device)
     if args.tune != "none":
-        trunk = Trunk(encoder, args.tune, args.lora_rank)
+        trunk = Trunk(encoder, args.tune, args.lora_rank).to(device)
         tuned = [p for p in trunk.parameters() if p.requires_grad]
         tuned_parameters = sum(p.numel() for p in tuned)
         groups.append({"params": tuned, "lr": args.tune_lr})
@@ -307,18 +327,25 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=steps, pct_start=0.1
     )
 
-    def embedding(tokens: torch.Tensor, entry: dict | None = None, view: int = 0) -> torch.Tensor:
-        """The head's embedding input: the tuned trunk's, or the cached frozen one."""
+    def features(entry: dict, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's (stage-1 tokens, embedding) inputs for a cached entry, on the device."""
+        if trunk is not None and trunk.mode == "full":
+            image = entry["image"][None].float().to(device)
+            return trunk.from_image(image.flip(-1) if view else image)
+        tokens = entry["tokens"][view].float().to(device)
         if trunk is None:
-            return entry["necks"][view].float()
-        return trunk(tokens)
+            return tokens, entry["necks"][view].float().to(device)
+        return tokens, trunk(tokens)
+
+    full = trunk is not None and trunk.mode == "full"
 
     def batch(ids: list[str], flips: list[bool]):
         tokens, neck, images, targets = [], [], [], []
         for sample_id, flip in zip(ids, flips, strict=True):
             entry = cache[sample_id]
             view = 1 if flip else 0
-            tokens.append(entry["tokens"][view].float())
+            if not full:
+                tokens.append(entry["tokens"][view].float())
             if trunk is None:
                 neck.append(entry["necks"][view].float())
             image, target = entry["image"][None].float(), entry["target"][None].float()
@@ -326,17 +353,16 @@ def main(argv: list[str] | None = None) -> dict:
                 image, target = image.flip(-1), target.flip(-1)
             images.append(image)
             targets.append(target)
-        tokens = torch.cat(tokens)
-        return tokens, (torch.cat(neck) if neck else None), torch.cat(images), torch.cat(targets)
+        tokens = torch.cat(tokens).to(device) if tokens else None
+        neck = torch.cat(neck).to(device) if neck else None
+        return tokens, neck, torch.cat(images).to(device), torch.cat(targets).to(device)
 
     def predict(sample_id: str) -> tuple[torch.Tensor, float]:
         entry = cache[sample_id]
-        tokens = entry["tokens"][0].float()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, presence = head(
-                stage1_map(tokens), embedding(tokens, entry), entry["image"][None].float()
-            )
-        return torch.sigmoid(logits.float()), float(torch.sigmoid(presence.float())[0])
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            tokens, neck = features(entry)
+            logits, presence = head(stage1_map(tokens), neck, entry["image"][None].float().to(device))
+        return torch.sigmoid(logits.float()).cpu(), float(torch.sigmoid(presence.float())[0])
 
     def validate(
         refine: bool = False,
@@ -393,8 +419,11 @@ def main(argv: list[str] | None = None) -> dict:
             ids = [train[i] for i in order[start : start + args.batch_size]]
             flips = (torch.rand(len(ids), generator=generator) < 0.5).tolist()
             tokens, neck, images, targets = batch(ids, flips)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                neck = trunk(tokens) if trunk is not None else neck
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                if full:
+                    tokens, neck = trunk.from_image(images)
+                elif trunk is not None:
+                    neck = trunk(tokens)
                 logits, presence = head(stage1_map(tokens), neck, images)
             logits, presence = logits.float(), presence.float()
             present = (targets.flatten(1).amax(1) > 0).float()
@@ -408,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         entry = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -441,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The shipped model on the same fold: its coarse TransUNet and the served refined mask.
     from training.evaluate import evaluate
 
+    encoder.to("cpu")
     shipped = evaluate(predictor, [by_id[i] for i in val], phase=None)
     shipped_other = evaluate(predictor, other, phase=None) if other else None
 
@@ -457,6 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": describe(),
         "bf16_autocast": bf16,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "fold": args.fold,
         "n_train": len(train),
         "n_val": len(val),
