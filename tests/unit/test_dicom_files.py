@@ -262,7 +262,7 @@ def test_gdcm_in_its_child_process_decodes_like_the_in_process_decoders():
     pytest.importorskip("gdcm")
     from pydicom.uid import JPEGBaseline8Bit, RLELossless
 
-    from backend.app import gdcm_isolation
+    from backend.app.imaging import gdcm_isolation
 
     decode_image(_file("SC_rgb_jpeg_gdcm.dcm"))  # GDCM leaves the process on first use
     expected = decode_image(_file("SC_rgb_jpeg_gdcm.dcm")).pixels.astype(int)

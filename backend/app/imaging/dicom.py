@@ -1,0 +1,298 @@
+"""DICOM uploads through pydicom: photometric interpretations, LUTs, frames, pixel spacing, the
+transfer syntax named in every refusal, and the native decoders kept from taking the process
+down (GDCM only in a child process, see :mod:`.gdcm_isolation`; a Rust decoder's panic is a 422)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from backend.app.imaging import gdcm_isolation
+from backend.app.imaging.base import (
+    DecodedImage,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    sniff_kind,
+    to_uint8_rgb,
+)
+
+_SUPPORTED_PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "PALETTE COLOR",
+    "YBR_RCT",
+    "YBR_ICT",
+}
+
+
+def read_dicom_header(data: bytes):
+    """Parse a DICOM file held in memory (pixel data kept as raw bytes, not decoded)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=sniff_kind(data) != "dicom")
+    except InvalidDicomError:
+        raise ImageError("the file is not a valid DICOM Part 10 file") from None
+    except Exception as exc:  # pydicom raises many types on truncated/corrupt input
+        raise ImageError(
+            f"the DICOM file could not be parsed: truncated or corrupt ({type(exc).__name__})"
+        ) from None
+    _drop_unreadable(ds)
+    return ds
+
+
+def _drop_unreadable(ds) -> None:
+    """Convert every element now, dropping those that cannot be read (an unknown value
+    representation, a corrupt length, …) instead of letting the first later access fail: pydicom
+    parses values lazily, so a broken element would otherwise surface wherever it is read (the
+    SEG writer, the spacing), long after decoding said the file was fine. A dropped element that
+    decoding needs is then reported as missing, by name."""
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+            items = list(element.value) if element.VR == "SQ" else []
+        except Exception:
+            del ds[tag]
+            continue
+        for item in items:
+            _drop_unreadable(item)
+
+
+def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_000_000) -> DecodedImage:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    gdcm_isolation.keep_gdcm_out_of_process()  # GDCM aborts the process on some corrupt data
+    ds = read_dicom_header(data)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError("the DICOM file has no pixel data (PixelData is missing)")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise UnsupportedImageError("float DICOM pixel data is not supported", 415)
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+        int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        raise ImageError(
+            "the DICOM image attributes are missing or invalid "
+            "(Rows, Columns, BitsAllocated, PhotometricInterpretation)"
+        ) from None
+    if rows < 2 or columns < 2:
+        raise ImageError(f"the DICOM image is too small: {columns}×{rows} pixels")
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(
+            f"DICOM frame is {columns}×{rows} = {rows * columns} pixels, above the limit of {max_pixels}"
+        )
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        # The value is not echoed: header values are the sender's data, not ours to repeat.
+        raise UnsupportedImageError(
+            "unsupported DICOM PhotometricInterpretation (supported: "
+            + ", ".join(sorted(_SUPPORTED_PHOTOMETRIC))
+            + ")",
+            415,
+        )
+    index = 0 if frame is None else frame
+    if index >= n_frames:
+        raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
+    syntax = _transfer_syntax(ds)
+
+    try:
+        array = _frame_array(ds, data, syntax, index if n_frames > 1 else None)
+        if n_frames > 1 and array.ndim >= 3 and array.shape[0] == 1 and array.shape[1:3] != (rows, columns):
+            array = array[0]
+        if array.shape[:2] != (rows, columns):
+            raise ValueError("unexpected pixel array shape")
+        if photometric == "PALETTE COLOR":
+            array = apply_color_lut(array, ds)
+            array = to_uint8_rgb(array)
+        elif array.ndim == 3:
+            # RGB (YBR_* are converted to RGB by pydicom's decoder).
+            array = to_uint8_rgb(array[..., :3])
+        else:
+            array = _apply_gray_luts(array, ds, index, apply_modality_lut, apply_voi_lut)
+            if photometric == "MONOCHROME1":
+                array = _invert(array)
+    except ImageError:
+        raise
+    except NotImplementedError:
+        raise UnsupportedImageError(
+            f"the DICOM transfer syntax {_syntax_label(syntax)} cannot be decoded here", 415
+        ) from None
+    except RuntimeError as exc:
+        # pydicom 3: every installed decoder of this (compressed) syntax failed on the data.
+        if syntax.is_compressed and "plugins" in str(exc):
+            raise UnsupportedImageError(
+                f"the DICOM pixel data in transfer syntax {_syntax_label(syntax)} could not be decoded "
+                "by any installed decoder (a variant they do not support, or corrupt data)",
+                415,
+            ) from None
+        raise ImageError(
+            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
+        ) from None
+    except MemoryError:
+        raise ImageTooLargeError("the DICOM pixel data is too large to decode") from None
+    except Exception as exc:  # truncated pixel data, bad LUTs, plugin errors ...
+        raise ImageError(
+            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
+        ) from None
+    except BaseException as exc:
+        # A decoder written in Rust (pylibjpeg-rle) panics on some corrupt data, and PyO3 raises
+        # that as ``PanicException``, a BaseException: the upload's problem, not the server's.
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise ImageError(
+            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
+        ) from None
+
+    # Keep the header for DICOM-SEG output, without the (potentially large) pixel data.
+    for keyword in ("PixelData",):
+        if keyword in ds:
+            del ds[keyword]
+    return DecodedImage(
+        pixels=np.ascontiguousarray(array),
+        kind="dicom",
+        frame=index,
+        n_frames=n_frames,
+        pixel_spacing_mm=dicom_pixel_spacing_mm(ds),
+        dataset=ds,
+    )
+
+
+def _frame_array(ds, data: bytes, syntax, index: int | None) -> np.ndarray:
+    """pydicom's in-process decoders, then GDCM in a child process when every one of them failed
+    on compressed data (:mod:`backend.app.imaging.gdcm_isolation`); their error when that fails too."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(ds, index=index)
+    except RuntimeError as exc:
+        if not (syntax.is_compressed and "plugins" in str(exc)):
+            raise
+        array = gdcm_isolation.decode_frame(data, index, syntax)
+        if array is None:
+            raise
+        return array
+
+
+def _syntax_label(syntax) -> str:
+    """``'JPEG Lossless, … (1.2.840.10008.1.2.4.70)'``: a registered syntax's name and UID.
+
+    Only registered (public) transfer syntaxes are named; a private or malformed UID is not
+    echoed back.
+    """
+    from pydicom.uid import AllTransferSyntaxes
+
+    if str(syntax) in AllTransferSyntaxes:
+        return f"{syntax.name} ({syntax})"
+    return "(unregistered TransferSyntaxUID)"
+
+
+def _native_syntax(ds):
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return None
+    if implicit:
+        return ImplicitVRLittleEndian if little else None
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _transfer_syntax(ds):
+    """The file's transfer syntax, with 415 when no installed decoder can read it."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    value = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    if not value:
+        # A file without (complete) file meta: the encoding pydicom read the data set in is the
+        # only one it can have, as its pixel data is native (encapsulated data needs the meta).
+        syntax = _native_syntax(ds)
+        if syntax is None:
+            raise ImageError("the DICOM file meta information lacks TransferSyntaxUID")
+        ds.file_meta.TransferSyntaxUID = syntax
+        value = syntax
+    syntax = UID(str(value))
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise UnsupportedImageError(
+            f"the DICOM transfer syntax {_syntax_label(syntax)} has no pixel data decoder here; "
+            "re-export the image uncompressed or as JPEG / JPEG-LS / JPEG 2000 / RLE",
+            415,
+        ) from None
+    if not decoder.is_available:
+        raise UnsupportedImageError(
+            f"the DICOM transfer syntax {_syntax_label(syntax)} cannot be decoded: none of its decoder "
+            "plugins is installed",
+            415,
+        )
+    return syntax
+
+
+def _apply_gray_luts(array: np.ndarray, ds, index: int, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+    has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+    has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+    if not has_modality and not has_voi:
+        if array.dtype in (np.uint8, np.uint16):
+            return array
+        return array.astype(np.float32)
+    result = array
+    if has_modality:
+        result = apply_modality_lut(result, ds)
+    if has_voi:
+        result = apply_voi_lut(result, ds, index=0)
+    result = np.asarray(result, dtype=np.float32)
+    if not np.isfinite(result).all():
+        raise ImageError("the DICOM modality/VOI LUT produced non-finite values")
+    return result
+
+
+def _invert(array: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 → MONOCHROME2 within the frame's own range (dtype kept)."""
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        return (high + low - array.astype(np.int64)).astype(array.dtype)
+    low, high = float(array.min()), float(array.max())
+    return (high + low - array).astype(np.float32)
+
+
+def dicom_pixel_spacing_mm(ds) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing/ImagerPixelSpacing/ultrasound regions."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        spacing = _positive_pair(value)
+        if spacing is not None:
+            return spacing
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if regions:
+        for region in regions:
+            try:
+                units_x = int(region.get("PhysicalUnitsXDirection", 0))
+                units_y = int(region.get("PhysicalUnitsYDirection", 0))
+                delta_x = abs(float(region.get("PhysicalDeltaX", 0)))
+                delta_y = abs(float(region.get("PhysicalDeltaY", 0)))
+            except (TypeError, ValueError):
+                continue
+            # Code 3 = cm (PS3.3 C.8.5.5.1.15); convert to mm.
+            if units_x == 3 and units_y == 3 and delta_x > 0 and delta_y > 0:
+                return (delta_y * 10.0, delta_x * 10.0)
+    return None
+
+
+def _positive_pair(value) -> tuple[float, float] | None:
+    try:
+        if value is None or len(value) < 2:
+            return None
+        row, col = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+        return (row, col)
+    return None
