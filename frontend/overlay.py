@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -97,21 +98,27 @@ def load_truth_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     binary-ish (more than :data:`MAX_INTERMEDIATE_FRACTION` of its pixels between its darkest and
     brightest level — an ultrasound image sent as its own mask, say).
     """
+    height, width = shape
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if (image.height, image.width) != (height, width):  # from the header, nothing decoded
+                raise MaskError(
+                    f"the ground-truth mask is {image.width}×{image.height} pixels but the image is "
+                    f"{width}×{height}: upload the mask made for this image"
+                )
             image.load()
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 gray = np.asarray(image.convert("RGBA").convert("L"))
             else:
                 gray = np.asarray(image.convert("L"))
-    except (OSError, ValueError) as exc:
+    except MaskError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MaskError("the ground-truth mask declares far more pixels than the image has") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error) as exc:
         raise MaskError("the ground-truth mask is not an image this UI can read") from exc
-    height, width = shape
     if gray.shape != (height, width):
-        raise MaskError(
-            f"the ground-truth mask is {gray.shape[1]}×{gray.shape[0]} pixels but the image is "
-            f"{width}×{height}: upload the mask made for this image"
-        )
+        raise MaskError("the ground-truth mask is not an image this UI can read")
     low, high = int(gray.min()), int(gray.max())
     if high > low:
         intermediate = float(((gray != low) & (gray != high)).mean())

@@ -47,24 +47,31 @@ class DuplicateCorrection(Exception):
 
 def decode_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """A mask file for an image of ``shape`` (H, W) → bool H×W; :class:`ImageError` (422) when it
-    is not an image, has another size, or is not binary-ish."""
+    is not an image, has another size, or is not binary-ish.
+
+    The size is read from the header and checked before any pixel is decoded: a mask must have
+    its image's size, so a file declaring a huge canvas (a decompression bomb) is refused unread."""
+    import struct
+
     from PIL import Image, UnidentifiedImageError
 
+    height, width = shape
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if (image.height, image.width) != (height, width):
+                raise ImageError(
+                    f"the mask is {image.width}×{image.height} pixels but the image is {width}×{height}"
+                )
             image.load()
-            if image.width * image.height > 64_000_000:
-                raise ImageError("the mask is too large", 413)
             gray = np.asarray(image.convert("L"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Image.DecompressionBombError:  # Pillow's own guard, raised while reading the header
+        raise ImageError("the mask declares more pixels than any image this server accepts", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError):
         raise ImageError("the mask could not be read as an image (PNG, JPEG, BMP or TIFF)") from None
-    height, width = shape
-    if gray.shape != (height, width):
-        raise ImageError(
-            f"the mask is {gray.shape[1]}×{gray.shape[0]} pixels but the image is {width}×{height}"
-        )
+    if gray.shape != (height, width):  # a decoder that delivered other than its header said
+        raise ImageError("the mask could not be read as an image (PNG, JPEG, BMP or TIFF)")
     low, high = int(gray.min()), int(gray.max())
     if high == low:
         return np.full((height, width), high > 0)

@@ -55,6 +55,15 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _bmp_declaring(width: int, height: int) -> bytes:
+    """A tiny 8-bit BMP whose header claims ``width``×``height`` pixels (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="BMP")
+    data = bytearray(buffer.getvalue())
+    data[18:26] = width.to_bytes(4, "little") + height.to_bytes(4, "little")
+    return bytes(data)
+
+
 def test_save_list_view_replace_and_delete(client, settings):
     prompts = {"points": [[100, 120, 0]], "box": [10, 60, 250, 270]}
     response = _save(
@@ -102,6 +111,9 @@ def test_save_list_view_replace_and_delete(client, settings):
         (lambda: _png(np.zeros((10, 12), np.uint8)), 422, "12×10 pixels but the image is"),
         (lambda: IMAGE.read_bytes(), 422, "not binary"),
         (lambda: b"not an image", 422, "could not be read as an image"),
+        # bombs: refused from the header, never decoded (beyond Pillow's own limit: 413)
+        (lambda: _bmp_declaring(12_000, 12_000), 422, "12000×12000 pixels but the image is"),
+        (lambda: _bmp_declaring(20_000, 20_000), 413, "declares more pixels"),
     ],
 )
 def test_bad_masks_are_4xx_naming_the_problem_and_store_nothing(client, settings, mask, status, words):

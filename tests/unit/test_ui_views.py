@@ -29,6 +29,16 @@ def test_truth_mask_of_another_size_is_refused_by_name():
         ov.load_truth_mask(_png(mask), (60, 80))
 
 
+def test_a_mask_declaring_a_huge_canvas_is_refused_without_decoding_it():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="BMP")
+    for side, words in ((12_000, "12000×12000 pixels but the image is 80×60"), (20_000, "far more pixels")):
+        data = bytearray(buffer.getvalue())
+        data[18:26] = side.to_bytes(4, "little") * 2  # width and height in the BMP header
+        with pytest.raises(ov.MaskError, match=words):
+            ov.load_truth_mask(bytes(data), (60, 80))
+
+
 def test_the_ultrasound_image_is_not_a_mask():
     image = BUSI_ROOT / "benign" / "benign (10).png"
     if not image.is_file():
