@@ -1,4 +1,9 @@
-"""Mutation fuzzing of the upload decoder (:func:`backend.app.imaging.decode_image`); prints JSON.
+"""Mutation fuzzing of the upload decoders; prints JSON.
+
+``--target image`` (default): :func:`backend.app.imaging.decode_image`, what ``/segment`` and
+``/api/corrections`` read an upload with. ``--target mask``:
+:func:`backend.app.corrections.decode_mask`, the corrected mask saved beside it (seeds: a binary
+mask in PNG, BMP, TIFF, GIF, WebP and JPEG).
 
 Seeds: a BUSI image saved as PNG, JPEG, BMP, TIFF and WebP, and every DICOM file pydicom ships
 (all its transfer syntaxes, written by dcmtk, GDCM and scanners). Each case flips bytes, truncates,
@@ -8,7 +13,7 @@ status is a finding, and a native decoder that aborts the process shows as this 
 (run it as a child, as ``tests/unit/test_decoder_fuzz.py`` does). Before each case the script
 writes the case's number on stderr, so the parent knows which one killed it.
 
-    python tests/fuzz_decoders.py [--iterations 300] [--seed 0]
+    python tests/fuzz_decoders.py [--iterations 300] [--seed 0] [--target image|mask]
 """
 
 from __future__ import annotations
@@ -44,6 +49,23 @@ def seeds() -> list[tuple[str, bytes]]:
     return cases
 
 
+MASK_SHAPE = (120, 160)
+
+
+def mask_seeds() -> list[tuple[str, bytes]]:
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros(MASK_SHAPE, dtype=np.uint8)
+    mask[30:80, 40:100] = 255
+    cases = []
+    for fmt in ("PNG", "BMP", "TIFF", "GIF", "WEBP", "JPEG"):
+        buffer = io.BytesIO()
+        Image.fromarray(mask).save(buffer, fmt)
+        cases.append((f"mask.{fmt.lower()}", buffer.getvalue()))
+    return cases
+
+
 def mutate(data: bytes, rng: random.Random) -> bytes:
     out = bytearray(data)
     choice = rng.random()
@@ -64,13 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", choices=("image", "mask"), default="image")
     args = parser.parse_args(argv)
 
+    from backend.app.corrections import decode_mask
     from backend.app.imaging import ImageError, decode_image, silence_decoder_logs
 
     silence_decoder_logs()
     rng = random.Random(args.seed)
-    cases = seeds()
+    cases = seeds() if args.target == "image" else mask_seeds()
     outcomes = {"decoded": 0, "4xx": 0}
     findings: list[dict] = []
     for iteration in range(args.iterations):
@@ -79,7 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"case {iteration} {name}", file=sys.stderr, flush=True)
         is_dicom = name.endswith(".dcm")
         try:
-            decode_image(mutated, content_type="application/dicom" if is_dicom else None, filename=name)
+            if args.target == "mask":
+                decode_mask(mutated, MASK_SHAPE)
+            else:
+                decode_image(mutated, content_type="application/dicom" if is_dicom else None, filename=name)
             outcomes["decoded"] += 1
         except ImageError as error:
             if 400 <= error.status_code < 500:
@@ -91,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise
             findings.append({"case": iteration, "seed_file": name, "exception": type(error).__name__})
     report = {
+        "target": args.target,
         "iterations": args.iterations,
         "seed": args.seed,
         "seed_files": len(cases),
