@@ -263,7 +263,6 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
                 **validation.best,
             }
             phase.save_best(epoch, validation)
-        save_last(epoch + 1, 0)
         ctx.progress.set(phase.progress_key, (epoch + 1) / phase.epochs)
         train_loss = means.get(phase.main_loss)
         ctx.emit(
@@ -277,6 +276,10 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
             lr=phase.lr(),
             extra={"best_epoch": state.best["epoch"], "best_dice": state.best["dice"], **validation.event},
         )
+        # Only once the epoch's record has gone out (the worker stores it) does last.pt say it is
+        # done: a process killed in between redoes the epoch on resume (the same batches; the
+        # store upserts its row) instead of resuming after an epoch whose metrics were never stored.
+        save_last(epoch + 1, 0)
         log.info(
             "%s epoch %d/%d: train loss %s, %s",
             phase.label,
