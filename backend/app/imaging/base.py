@@ -39,6 +39,11 @@ def silence_decoder_logs() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+#: Exceptions that stop the process, never an input's fault: a decoder guard catching every other
+#: ``BaseException`` (a native decoder's PyO3 ``PanicException`` is one) lets these through.
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class ImageError(ValueError):
     """An upload that cannot be segmented; ``status_code`` is the HTTP status to answer."""
 

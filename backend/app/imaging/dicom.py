@@ -10,6 +10,7 @@ import numpy as np
 
 from backend.app.imaging import gdcm_isolation
 from backend.app.imaging.base import (
+    PROCESS_EXITS,
     DecodedImage,
     ImageError,
     ImageTooLargeError,
@@ -125,8 +126,7 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
             f"the DICOM transfer syntax {_syntax_label(syntax)} cannot be decoded here", 415
         ) from None
     except RuntimeError as exc:
-        # pydicom 3: every installed decoder of this (compressed) syntax failed on the data.
-        if syntax.is_compressed and "plugins" in str(exc):
+        if _all_decoders_failed(exc, syntax):
             raise UnsupportedImageError(
                 f"the DICOM pixel data in transfer syntax {_syntax_label(syntax)} could not be decoded "
                 "by any installed decoder (a variant they do not support, or corrupt data)",
@@ -137,14 +137,10 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         ) from None
     except MemoryError:
         raise ImageTooLargeError("the DICOM pixel data is too large to decode") from None
-    except Exception as exc:  # truncated pixel data, bad LUTs, plugin errors ...
-        raise ImageError(
-            f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
-        ) from None
     except BaseException as exc:
-        # A decoder written in Rust (pylibjpeg-rle) panics on some corrupt data, and PyO3 raises
-        # that as ``PanicException``, a BaseException: the upload's problem, not the server's.
-        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        # Truncated pixel data, bad LUTs, plugin errors … and the panic of a decoder written in
+        # Rust (pylibjpeg-rle), which PyO3 raises as ``PanicException``, a BaseException.
+        if isinstance(exc, PROCESS_EXITS):
             raise
         raise ImageError(
             f"the DICOM pixel data could not be decoded: truncated or inconsistent ({type(exc).__name__})"
@@ -172,12 +168,18 @@ def _frame_array(ds, data: bytes, syntax, index: int | None) -> np.ndarray:
     try:
         return pixel_array(ds, index=index)
     except RuntimeError as exc:
-        if not (syntax.is_compressed and "plugins" in str(exc)):
+        if not _all_decoders_failed(exc, syntax):
             raise
         array = gdcm_isolation.decode_frame(data, index, syntax)
         if array is None:
             raise
         return array
+
+
+def _all_decoders_failed(exc: RuntimeError, syntax) -> bool:
+    """Whether pydicom 3 raised ``exc`` because every installed decoder of this compressed
+    syntax failed on the data."""
+    return syntax.is_compressed and "plugins" in str(exc)
 
 
 def _syntax_label(syntax) -> str:

@@ -75,8 +75,6 @@ def keep_gdcm_out_of_process() -> None:
         if _done:
             return
         for uid, decoder in _decoders():
-            if uid in _removed:
-                continue
             if "gdcm" in decoder.available_plugins or "gdcm" in getattr(decoder, "_unavailable", {}):
                 decoder.remove_plugin("gdcm")
                 _removed.add(str(uid))

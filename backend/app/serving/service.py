@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from backend.app.imaging import DecodedImage, ImageError, decode_image, mask_bbox, mask_to_png
+from backend.app.imaging.base import PROCESS_EXITS
 from backend.app.metrics import EMBEDDING_CACHE, SEGMENT_ERRORS, STAGE_LATENCY
 from backend.app.schemas.segment import BatchItem, MaskResult, PromptsUsed, SegmentResponse, StageTimings
 from backend.app.serving.errors import SegmentError
@@ -42,11 +43,8 @@ def decode_upload(
         raise
     except MemoryError:
         raise ImageError("the image is too large to decode in memory", 413) from None
-    except Exception as error:  # an unexpected decoder failure is still a bad input, never a 500
-        log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
-        raise ImageError(f"the image could not be decoded ({type(error).__name__})", 422) from None
-    except BaseException as error:  # a native decoder's panic (PyO3 PanicException) likewise
-        if isinstance(error, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+    except BaseException as error:  # an unexpected decoder failure (a native panic too) is a bad input
+        if isinstance(error, PROCESS_EXITS):
             raise
         log.warning("image decoder failed unexpectedly (%s)", type(error).__name__)
         raise ImageError(f"the image could not be decoded ({type(error).__name__})", 422) from None
