@@ -112,11 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache = embedding_cache_for(predictor.refiner, cfg.cache_dir)
 
     started = time.perf_counter()
-    served = predictor.coarse
     results = {"served": _summary(evaluate(predictor, samples, embedding_cache=cache))}
     predictor.coarse = MeanLogits(members).eval()
     results[f"mean_of_{len(members)}"] = _summary(evaluate(predictor, samples, embedding_cache=cache))
-    predictor.coarse = served
     report = {
         "machine": describe(),
         "model_version": predictor.model_version,
