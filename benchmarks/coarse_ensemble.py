@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     members = []
     for path in paths:
         model = build_coarse(cfg)
-        model.load_state_dict(load_checkpoint(path)["model"])
+        try:
+            model.load_state_dict(load_checkpoint(path)["model"])
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+            # One line, not a traceback: a wrong path, not a checkpoint, or another architecture.
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise SystemExit(f"--members / --run-dir: {path}: {detail}") from None
         members.append(model.eval())
     if not args.without_bundle_coarse:
         members.insert(0, predictor.coarse)

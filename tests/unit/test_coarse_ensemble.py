@@ -48,3 +48,27 @@ def test_mean_of_real_coarse_models_keeps_the_coarse_contract():
 def test_an_empty_ensemble_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         MeanLogits([])
+
+
+def test_benchmark_names_a_missing_member_in_one_line(tmp_path):
+    """A wrong ``--members`` path stops the benchmark with a message naming it, not a traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    from training.config import SHARED_DATA_ROOT
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "coarse_ensemble.py"
+    spec = importlib.util.spec_from_file_location("coarse_ensemble_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = tmp_path / "nope" / "best.pt"
+    not_a_checkpoint = tmp_path / "list.pt"
+    torch.save([1, 2, 3], not_a_checkpoint)
+    for member, expected in ((missing, "checkpoint not found"), (not_a_checkpoint, "not a training checkpoint")):
+        with pytest.raises(SystemExit) as stopped:
+            module.main(
+                ["--dataset", "busbra", "--root", str(SHARED_DATA_ROOT / "BUSBRA-sample"), "--members", str(member)]
+            )
+        message = str(stopped.value)
+        assert message.startswith("--members / --run-dir: ") and str(member) in message
+        assert expected in message and "\n" not in message
