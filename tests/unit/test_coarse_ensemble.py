@@ -64,10 +64,20 @@ def test_benchmark_names_a_missing_member_in_one_line(tmp_path):
     missing = tmp_path / "nope" / "best.pt"
     not_a_checkpoint = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_a_checkpoint)
-    for member, expected in ((missing, "checkpoint not found"), (not_a_checkpoint, "not a training checkpoint")):
+    for member, expected in (
+        (missing, "checkpoint not found"),
+        (not_a_checkpoint, "not a training checkpoint"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             module.main(
-                ["--dataset", "busbra", "--root", str(SHARED_DATA_ROOT / "BUSBRA-sample"), "--members", str(member)]
+                [
+                    "--dataset",
+                    "busbra",
+                    "--root",
+                    str(SHARED_DATA_ROOT / "BUSBRA-sample"),
+                    "--members",
+                    str(member),
+                ]
             )
         message = str(stopped.value)
         assert message.startswith("--members / --run-dir: ") and str(member) in message
