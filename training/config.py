@@ -212,6 +212,13 @@ class CoarseTrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
     poly_power: float = Field(0.9, gt=0, description="Poly learning-rate decay power.")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Exponential moving average of the weights, updated every step (0: off). When on, "
+        "the average is what is validated, kept as best.pt and used for the out-of-fold predictions.",
+    )
     ce_weight: float = Field(0.5, ge=0, description="Weight of cross-entropy in 0.5·CE + 0.5·Dice.")
     dice_weight: float = Field(0.5, ge=0, description="Weight of Dice in 0.5·CE + 0.5·Dice.")
     augment: bool = Field(True, description="Random flips/affine/intensity augmentation.")

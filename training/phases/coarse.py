@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from training.checkpoints import initial_coarse_state, load_checkpoint, save_checkpoint
@@ -226,7 +227,19 @@ class CoarseFold(LoopPhase):
         self.schedule = StepSchedule(
             self.optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
         )
+        # The moving average of the weights (buffers too: BatchNorm statistics) is what validation
+        # sees and what best.pt keeps; the raw weights go on training unchanged.
+        self.ema = None
+        if train_cfg.ema_decay > 0:
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay), use_buffers=True
+            )
         self.val_probs: dict[str, torch.Tensor] = {}
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are validated and kept: the moving average when on, else the model."""
+        return self.model if self.ema is None else self.ema.module
 
     def n_items(self) -> int:
         return len(self.train_items)
@@ -235,13 +248,20 @@ class CoarseFold(LoopPhase):
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.schedule.load_state_dict(checkpoint["schedule"])
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise ValueError("last.pt was written without ema_decay: resume with the run's own config")
+            self.ema.load_state_dict(checkpoint["ema"])
 
     def state(self) -> dict:
-        return {
+        states = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
         }
+        if self.ema is not None:
+            states["ema"] = self.ema.state_dict()
+        return states
 
     def start(self) -> Validation | None:
         return self._validation() if self.start_is_candidate else None
@@ -260,13 +280,15 @@ class CoarseFold(LoopPhase):
         loss.backward()
         self.optimizer.step()
         self.schedule.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return {"train": loss.item()}
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def _validation(self, train_losses: dict[str, float] | None = None) -> Validation:
-        report, self.val_probs = validate_coarse(self.model, self.val_items, self.ctx, self.batch_size)
+        report, self.val_probs = validate_coarse(self.evaluated, self.val_items, self.ctx, self.batch_size)
         dice = report["dice_coarse"]
         entry = {"val_loss": report["loss"], "val_dice": dice}
         if train_losses is not None:
@@ -281,6 +303,7 @@ class CoarseFold(LoopPhase):
 
     def validate(self, epoch: int, train_losses: dict[str, float]) -> Validation:
         self.model.eval()
+        self.evaluated.eval()
         return self._validation(train_losses)
 
     def save_best(self, epoch: int, validation: Validation) -> None:
@@ -290,7 +313,7 @@ class CoarseFold(LoopPhase):
             fold=self.fold,
             epoch=epoch,
             dice=validation.dice,
-            model=self.model.state_dict(),
+            model=self.evaluated.state_dict(),
             config=self.cfg.model_dump(mode="json"),
         )
         save_checkpoint(self.fold_dir / "oof_probs.pt", fold=self.fold, epoch=epoch, probs=self.val_probs)
