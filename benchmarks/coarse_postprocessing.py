@@ -2,11 +2,15 @@
 
 Variants (each wraps the served model's coarse TransUNet; the refiner is unchanged):
 
-* ``base``: the coarse logits as they are (what the API serves);
+* ``base``: the coarse logits as the network gives them (the served tiny-mask rule off);
 * ``largest``: only the connected component (of coarse probability ≥ 0.5) with the largest
   probability mass stays a lesion; other islands become background before prompts are derived;
 * ``flip``: the mean of the coarse logits of the image and of its horizontal mirror;
-* ``flip+largest``: both.
+* ``flip+largest``: both;
+* ``min-area-<p>%``: lesion components smaller than p % of the frame become background (no
+  assumption on the number of lesions);
+* ``min-total-<p>%``: no lesion where the whole coarse lesion covers under p % of the frame (the
+  served rule, ``refiner.min_lesion_fraction``, at p/100); a larger mask stays whole.
 
 Decide on a **validation** fold of the served coarse model (``--fold``: the images it was not
 trained on), never on the test split. Reported per variant: mean coarse and refined Dice over
@@ -37,6 +41,7 @@ from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
 from training.inference import Predictor
 from training.machine import describe
+from training.modeling.lesion_filter import drop_tiny_masks_from_logits
 from training.modeling.losses import dice_score
 
 
@@ -72,11 +77,54 @@ class LargestComponent(nn.Module):
         return kept
 
 
+class MinimumArea(nn.Module):
+    """Lesion components (probability ≥ 0.5) smaller than ``fraction`` of the frame → background,
+    one by one (measured, not served: it cuts a real lesion the coarse model split into pieces)."""
+
+    def __init__(self, coarse: nn.Module, fraction: float) -> None:
+        super().__init__()
+        self.coarse, self.fraction = coarse, fraction
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        coarse_logits = self.coarse(images)
+        lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
+        kept = coarse_logits.clone()
+        for index, probs in enumerate(lesion_probs):
+            labels, count = ndimage.label(probs >= 0.5)
+            if count == 0:
+                continue
+            areas = np.bincount(labels.ravel(), minlength=count + 1)[1:] / probs.size
+            specks = torch.from_numpy(np.isin(labels, np.flatnonzero(areas < self.fraction) + 1))
+            kept[index, 1][specks] = kept[index, 0][specks] - 10.0
+        return kept
+
+
+class MinimumTotalArea(nn.Module):
+    """The served rule (:mod:`training.modeling.lesion_filter`) at another ``fraction``: no lesion
+    where the whole coarse mask covers under ``fraction`` of the frame; a larger mask stays whole."""
+
+    def __init__(self, coarse: nn.Module, fraction: float) -> None:
+        super().__init__()
+        self.coarse, self.fraction = coarse, fraction
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return drop_tiny_masks_from_logits(self.coarse(images), self.fraction)
+
+
+#: Each variant wraps the engine's coarse model; the served tiny-mask rule is switched off inside
+#: the predictor while variants run, so ``min-total-*`` and ``base`` (no rule) say what it buys.
 VARIANTS = {
     "base": lambda coarse: coarse,
     "largest": LargestComponent,
     "flip": FlipAveraged,
     "flip+largest": lambda coarse: LargestComponent(FlipAveraged(coarse)),
+    "min-area-0.05%": lambda coarse: MinimumArea(coarse, 0.0005),
+    "min-area-0.1%": lambda coarse: MinimumArea(coarse, 0.001),
+    "min-area-0.2%": lambda coarse: MinimumArea(coarse, 0.002),
+    "min-area-0.3%": lambda coarse: MinimumArea(coarse, 0.003),
+    "min-total-0.1%": lambda coarse: MinimumTotalArea(coarse, 0.001),
+    "min-total-0.2%": lambda coarse: MinimumTotalArea(coarse, 0.002),
+    "min-total-0.3%": lambda coarse: MinimumTotalArea(coarse, 0.003),
 }
 
 
@@ -90,7 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", type=Path, help="Bundle (default: shipped default).")
     parser.add_argument("--engine", choices=ENGINE_CHOICES, default="onnx-int8", help="Inference engine.")
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}."
+    )
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown or not chosen:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
 
     try:
         samples = Split.load(args.split_file).val_samples(
@@ -102,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
     accelerate_predictor(predictor, args.engine, cache_dir)
     served_coarse = predictor.coarse
-    variants = {name: make(served_coarse) for name, make in VARIANTS.items()}
+    served_fraction = predictor.refiner.cfg.min_lesion_fraction
+    predictor.refiner.cfg = predictor.refiner.cfg.model_copy(update={"min_lesion_fraction": 0.0})
+    variants = {name: VARIANTS[name](served_coarse) for name in dict.fromkeys(["base", *chosen])}
     scores = {name: {"coarse": [], "refined": [], "fp_coarse": [], "fp_refined": []} for name in variants}
 
     started = time.perf_counter()
@@ -130,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": describe(),
         "model_version": predictor.model_version,
         "engine": args.engine,
+        "served_min_lesion_fraction": served_fraction,
         "fold": args.fold,
         "n_lesion_images": len(scores["base"]["coarse"]),
         "n_normal_images": len(scores["base"]["fp_coarse"]),

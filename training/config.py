@@ -134,6 +134,15 @@ class RefinerConfig(_Strict):
         "full scale (255 for 8-bit) is blank (a black frame, a flat test pattern): no lesion, and "
         "neither network runs unless a clinician gave prompts. 0: off.",
     )
+    min_lesion_fraction: float = Field(
+        0.001,
+        ge=0,
+        lt=1,
+        description="Inference and validation: a coarse mask whose lesion pixels cover less than this "
+        "fraction of the image in all is a few stray pixels, not a lesion: it is emptied before prompts "
+        "are derived and before it is served (0.001 ≈ a 2 mm lesion in a 6 cm field; the smallest BUSI "
+        "training lesion covers 0.3 %). A larger mask stays whole. 0: off.",
+    )
     refine_empty_coarse: bool = Field(
         False,
         description="Inference: refine even when the coarse mask finds no lesion (off: the refiner "

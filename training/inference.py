@@ -41,6 +41,7 @@ from training.data.transforms import (
 )
 from training.evaluate import coarse_finds_lesion, refines_coarse
 from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
+from training.modeling.lesion_filter import drop_tiny_masks_from_logits
 
 
 @dataclass
@@ -226,7 +227,10 @@ class Predictor:
             override = self._clinician_prompts(geometry, points, point_labels, box)
             mark = self._lap(timings, "preprocess", started)
 
-            coarse_logits = self.coarse(coarse_image)  # 1×2×S×S
+            # A mask too small as a whole to be a lesion is emptied (the served rule, as in validation).
+            coarse_logits = drop_tiny_masks_from_logits(
+                self.coarse(coarse_image), self.refiner.cfg.min_lesion_fraction
+            )  # 1×2×S×S
             coarse_probs_square = coarse_logits.softmax(dim=1)[:, 1:2]  # 1×1×S×S
             mark = self._lap(timings, "coarse", mark)
 

@@ -49,3 +49,27 @@ def test_flip_averaging_is_the_mean_of_the_image_and_its_mirror():
     averaged = module.FlipAveraged(coarse)(torch.zeros(1, 1, 16, 16))
     assert torch.allclose(averaged[0, 1, :, :4], torch.zeros(16, 4))  # (+4 + −4) / 2
     assert torch.allclose(averaged, averaged.flip(-1))  # symmetric by construction
+
+
+def test_minimum_area_drops_only_the_specks_and_keeps_every_lesion_big_enough():
+    module = _module()
+    # 36 px and 16 px lesions (14 % and 6 % of 256 px) and a 4 px speck (1.6 %)
+    coarse = _FixedLogits([(2, 8, 2, 8), (10, 14, 2, 6), (12, 14, 12, 14)])
+    kept = module.MinimumArea(coarse, 0.03)(torch.zeros(1, 1, 16, 16))
+    lesion = kept.softmax(dim=1)[:, 1] >= 0.5
+    assert lesion[:, 2:8, 2:8].all() and lesion[:, 10:14, 2:6].all()  # two lesions: both stay
+    assert not lesion[:, 12:14, 12:14].any() and int(lesion.sum()) == 36 + 16
+    nothing = _FixedLogits([])  # no lesion at all: unchanged
+    images = torch.zeros(1, 1, 16, 16)
+    torch.testing.assert_close(module.MinimumArea(nothing, 0.03)(images), nothing(images))
+
+
+def test_minimum_total_area_clears_only_a_mask_that_is_tiny_as_a_whole():
+    module = _module()
+    specks = _FixedLogits([(0, 1, 0, 1), (15, 16, 15, 16)])  # 2 px in all: 0.8 % of 256
+    lesion_and_speck = _FixedLogits([(2, 8, 2, 8), (12, 13, 12, 13)])  # 36 + 1 px
+    images = torch.zeros(1, 1, 16, 16)
+    cleared = module.MinimumTotalArea(specks, 0.01)(images).softmax(dim=1)[:, 1] >= 0.5
+    assert not cleared.any()
+    kept = module.MinimumTotalArea(lesion_and_speck, 0.01)(images)
+    torch.testing.assert_close(kept, lesion_and_speck(images))  # a large mask stays whole, speck too

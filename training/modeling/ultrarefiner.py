@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from training.config import TrainingConfig
 from training.data.transforms import Geometry
+from training.modeling.lesion_filter import drop_tiny_masks_from_logits
 from training.modeling.prompts import Prompts
 from training.modeling.refiner import Refiner
 
@@ -70,6 +71,7 @@ class UltraRefiner(nn.Module):
         coarse_grad_scale: float | None = None,
         prompts_override: Prompts | None = None,
         refiner_images: torch.Tensor | None = None,
+        min_lesion_fraction: float = 0.0,
     ) -> dict:
         """Run both stages.
 
@@ -78,10 +80,14 @@ class UltraRefiner(nn.Module):
         Returns ``coarse_logits`` (``B×2×S×S``), ``coarse_probs`` (``B×1×S×S``),
         ``refiner_coarse_probs`` (``B×1×L×L``), ``valid`` (``B×1×L×L``), ``refined_logits``
         (``B×1×L×L``), ``masks_logits`` (``B×3×L×L``), ``iou_pred`` (``B×3``), ``selected_iou``
-        (``B``), ``prompts``, ``gate``.
+        (``B``), ``prompts``, ``gate``. ``min_lesion_fraction`` > 0 (validation, no gradients)
+        empties a tiny coarse mask first, as :class:`training.inference.Predictor` does.
         """
         scale = self.cfg.end_to_end.coarse_grad_scale if coarse_grad_scale is None else coarse_grad_scale
         coarse_logits = self.coarse(coarse_images)
+        if min_lesion_fraction > 0:
+            # Validation only (not differentiable): score what is served, tiny masks emptied.
+            coarse_logits = drop_tiny_masks_from_logits(coarse_logits, min_lesion_fraction)
         coarse_probs = torch.softmax(coarse_logits, dim=1)[:, 1:2]
         refiner_coarse_probs = coarse_probs_to_refiner(scale_gradient(coarse_probs, scale), geometries)
         valid = valid_masks(geometries, coarse_images.device)

@@ -32,6 +32,7 @@ from training.checkpoints import initial_coarse_state, load_checkpoint, save_che
 from training.config import CoarseTrainConfig
 from training.evaluate import image_record, summarize
 from training.modeling.coarse_registry import build_coarse, load_coarse_pretrained
+from training.modeling.lesion_filter import drop_tiny_masks_from_logits, drop_tiny_masks_from_probs
 from training.modeling.losses import coarse_loss
 from training.phases.context import (
     COARSE_DIR,
@@ -148,15 +149,21 @@ def native_coarse_probs(coarse_logits: torch.Tensor, height: int, width: int) ->
 
 
 def validate_coarse(model, items: list[LoadedSample], ctx: RunContext, batch_size: int):
-    """Evaluation-protocol report of the coarse model on ``items`` and their ``1×S×S`` probabilities."""
+    """Evaluation-protocol report of the coarse model on ``items`` and their ``1×S×S`` probabilities.
+
+    Masks are scored — and kept for phase 2b — as served: a mask too small as a whole to be a
+    lesion is empty (:mod:`training.modeling.lesion_filter`); the loss is the network's own.
+    """
+    min_fraction = ctx.cfg.refiner.min_lesion_fraction
     logits_list = predict_coarse_logits(model, items, ctx.device, batch_size)
     records, probs = [], {}
     losses = []
     for item, logits in zip(items, logits_list, strict=True):
         height, width = item.mask.shape
-        native = native_coarse_probs(logits, height, width)
+        served = drop_tiny_masks_from_logits(logits[None], min_fraction)[0]
+        native = native_coarse_probs(served, height, width)
         records.append(image_record(item.id, item.sample.label, item.mask, native))
-        probs[item.id] = logits.softmax(dim=0)[1:2].half()
+        probs[item.id] = served.softmax(dim=0)[1:2].half()
         loss = coarse_loss(
             logits[None],
             item.coarse_target[None].long(),
@@ -417,9 +424,11 @@ def run_coarse_phase(ctx: RunContext) -> dict:
 def load_out_of_fold_probs(ctx: RunContext) -> dict[str, torch.Tensor]:
     """``id → 1×S×S`` out-of-fold coarse probabilities (float32) of every trained fold."""
     probs: dict[str, torch.Tensor] = {}
+    min_fraction = ctx.cfg.refiner.min_lesion_fraction
     for path in sorted((ctx.output_dir / COARSE_DIR).glob("fold*/oof_probs.pt")):
         for sample_id, tensor in load_checkpoint(path)["probs"].items():
-            probs[sample_id] = tensor.float()
+            # As served (a no-op for masks phase-1 validation already cleaned: the rule is idempotent).
+            probs[sample_id] = drop_tiny_masks_from_probs(tensor.float(), min_fraction)
     return probs
 
 

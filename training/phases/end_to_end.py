@@ -150,7 +150,13 @@ def validate_joint(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         coarse_images, _, embeddings, geometries, images = joint_inputs(chunk, bank, ctx)
-        outputs = model(coarse_images, embeddings, geometries, refiner_images=images)
+        outputs = model(
+            coarse_images,
+            embeddings,
+            geometries,
+            refiner_images=images,
+            min_lesion_fraction=model.refiner.cfg.min_lesion_fraction,
+        )
         for index, item in enumerate(chunk):
             height, width = item.mask.shape
             coarse = native_coarse_probs(outputs["coarse_logits"][index].float().cpu(), height, width)
