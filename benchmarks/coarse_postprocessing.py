@@ -56,6 +56,21 @@ class FlipAveraged(nn.Module):
         return 0.5 * (self.coarse(images) + self.coarse(images.flip(-1)).flip(-1))
 
 
+def _components_to_background(coarse_logits: torch.Tensor, dropped) -> torch.Tensor:
+    """``B×2×S×S`` logits with the pixels ``dropped(labels, count, probs)`` chooses (a boolean map
+    from the labelled components of probability ≥ 0.5) made background; images without a lesion
+    component are left as they are."""
+    lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
+    kept = coarse_logits.clone()
+    for index, probs in enumerate(lesion_probs):
+        labels, count = ndimage.label(probs >= 0.5)
+        if count == 0:
+            continue
+        pixels = torch.from_numpy(dropped(labels, count, probs))
+        kept[index, 1][pixels] = kept[index, 0][pixels] - 10.0
+    return kept
+
+
 class LargestComponent(nn.Module):
     """Keeps the lesion component with the largest probability mass; other islands → background."""
 
@@ -63,18 +78,13 @@ class LargestComponent(nn.Module):
         super().__init__()
         self.coarse = coarse
 
+    @staticmethod
+    def _islands(labels: np.ndarray, count: int, probs: np.ndarray) -> np.ndarray:
+        mass = ndimage.sum(probs, labels, index=np.arange(1, count + 1))
+        return (labels > 0) & (labels != 1 + int(np.argmax(mass)))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        coarse_logits = self.coarse(images)
-        lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
-        kept = coarse_logits.clone()
-        for index, probs in enumerate(lesion_probs):
-            labels, count = ndimage.label(probs >= 0.5)
-            if count < 2:
-                continue
-            mass = ndimage.sum(probs, labels, index=np.arange(1, count + 1))
-            islands = torch.from_numpy((labels > 0) & (labels != 1 + int(np.argmax(mass))))
-            kept[index, 1][islands] = kept[index, 0][islands] - 10.0
-        return kept
+        return _components_to_background(self.coarse(images), self._islands)
 
 
 class MinimumArea(nn.Module):
@@ -85,18 +95,12 @@ class MinimumArea(nn.Module):
         super().__init__()
         self.coarse, self.fraction = coarse, fraction
 
+    def _specks(self, labels: np.ndarray, count: int, probs: np.ndarray) -> np.ndarray:
+        areas = np.bincount(labels.ravel(), minlength=count + 1)[1:] / probs.size
+        return np.isin(labels, np.flatnonzero(areas < self.fraction) + 1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        coarse_logits = self.coarse(images)
-        lesion_probs = coarse_logits.softmax(dim=1)[:, 1].cpu().numpy()
-        kept = coarse_logits.clone()
-        for index, probs in enumerate(lesion_probs):
-            labels, count = ndimage.label(probs >= 0.5)
-            if count == 0:
-                continue
-            areas = np.bincount(labels.ravel(), minlength=count + 1)[1:] / probs.size
-            specks = torch.from_numpy(np.isin(labels, np.flatnonzero(areas < self.fraction) + 1))
-            kept[index, 1][specks] = kept[index, 0][specks] - 10.0
-        return kept
+        return _components_to_background(self.coarse(images), self._specks)
 
 
 class MinimumTotalArea(nn.Module):
