@@ -18,6 +18,10 @@ with the torch masks, and the median encoder time.
 
 ``--split-file`` takes every lesion image of that split's held-out test set (``--n`` is then
 ignored): the figure the serving issue asks for (the Dice drop of an engine on the test split).
+With ``--fold K`` too it takes the lesion images of validation fold K instead, which is where a
+choice between engine recipes is made (the test split only reports the chosen one):
+
+    python benchmarks/accuracy_engines.py --split-file models/default_split.json --fold 0 --prompt coarse
 """
 
 from __future__ import annotations
@@ -45,11 +49,19 @@ def box_of(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def lesion_samples(root: Path, n: int, split_file: Path | None = None) -> list:
+def lesion_samples(root: Path, n: int, split_file: Path | None = None, fold: int | None = None) -> list:
     samples = [s for s in list_samples("busi", root) if s.label != "normal" and s.mask_paths]
     if split_file is not None:
-        test_ids = set(json.loads(split_file.read_text())["test_ids"])
-        return [s for s in samples if s.id in test_ids]
+        split = json.loads(split_file.read_text())
+        if fold is None:
+            chosen = set(split["test_ids"])
+        elif 0 <= fold < len(split["folds"]):
+            chosen = set(split["folds"][fold])
+        else:
+            raise SystemExit(f"--fold {fold}: the split has folds 0..{len(split['folds']) - 1}")
+        return [s for s in samples if s.id in chosen]
+    if fold is not None:
+        raise SystemExit("--fold needs --split-file")
     # Alternate benign and malignant so a small N still covers both.
     benign = [s for s in samples if s.label == "benign"]
     malignant = [s for s in samples if s.label == "malignant"]
@@ -68,9 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--engines", default=",".join(ENGINE_NAMES), help="Comma-separated engines.")
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     parser.add_argument("--split-file", type=Path, help="Use every lesion image of this split's test set.")
+    parser.add_argument(
+        "--fold", type=int, help="With --split-file: the lesion images of this validation fold instead."
+    )
     args = parser.parse_args(argv)
 
-    samples = lesion_samples(args.root, args.n, args.split_file)
+    samples = lesion_samples(args.root, args.n, args.split_file, args.fold)
     if not samples:
         raise SystemExit(f"no BUSI lesion images under {args.root}")
     images = [load_image(s.image_path) for s in samples]
@@ -82,7 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {
         "machine": describe(),
         "n_images": len(samples),
-        "images": "test split" if args.split_file else "first benign/malignant",
+        "images": (
+            "first benign/malignant"
+            if args.split_file is None
+            else ("test split" if args.fold is None else f"validation fold {args.fold}")
+        ),
         "prompt": args.prompt,
         "engines": {},
     }

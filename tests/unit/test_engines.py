@@ -11,6 +11,7 @@ from test_refiner import SIDE, TINY_TRANSUNET, tiny_refiner
 
 from backend.app.engines import AccelerationError, accelerate_predictor, cpu_has_native_bf16
 from backend.app.engines.graph import OnnxCoarse, OnnxImageEncoder, OnnxMaskDecoder
+from backend.app.engines.onnx_export import INT8_RECIPE, quantize_matmul_int8
 from backend.app.engines.openvino_engine import OpenVinoSession
 from training.config import RefinerConfig
 from training.modeling.prompts import Prompts
@@ -107,7 +108,7 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
     files = sorted(p.name for p in tmp_path.glob("*.onnx"))
     # coarse and decoder in fp32; the encoder in fp32 and its int8 copy
     assert [f.split("-")[0] for f in files] == ["coarse", "decoder", "encoder", "encoder"]
-    assert [f for f in files if f.endswith(".int8.onnx")] == [files[2]]  # "." sorts before "o"
+    assert [f for f in files if f.endswith(f".int8-{INT8_RECIPE}.onnx")] == [files[2]]  # "i" before "o"
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
 
     accelerated(refiner, "onnx-int8", tmp_path)  # same weights: cached files reused as they are
@@ -123,6 +124,36 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
 
 # ---------------------------------------------------------------------------------------- OpenVINO
 needs_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+
+
+def test_int8_weights_are_per_channel_and_seven_bit(tmp_path):
+    """The recipe that cannot saturate ``vpmaddubsw`` on AVX2-only CPUs: every quantised weight
+    has its own zero point (and scale) per output channel, and its values span 7 bits (|w| <= 64,
+    so two u8 x s8 products sum to at most 2 * 255 * 64 < 2**15); the int8 graph stays close."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)).eval()
+    tokens = torch.randn(1, 50, 32)  # tokens × channels, as in the encoder's blocks: MatMul nodes
+    source = tmp_path / "mlp.onnx"
+    torch.onnx.export(network, (tokens,), str(source), input_names=["x"], dynamo=False)
+    quantised = quantize_matmul_int8(source, tmp_path / f"mlp.int8-{INT8_RECIPE}.onnx")
+
+    graph = onnx.load(str(quantised)).graph
+    initializers = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    products = [node for node in graph.node if node.op_type == "MatMulInteger"]
+    assert len(products) == 2
+    for node in products:
+        weights, weight_zero_points = initializers[node.input[1]], initializers[node.input[3]]
+        assert weights.dtype.name == "int8" and int(abs(weights.astype("int32")).max()) <= 64
+        assert weights.shape[1] > 1 and weight_zero_points.shape == (weights.shape[1],)
+    session = ort.InferenceSession(str(quantised), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": tokens.numpy()})[0]
+    want = network(tokens).detach().numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
 def test_openvino_fp32_matches_torch(tmp_path):
@@ -150,7 +181,7 @@ def test_openvino_fp32_matches_torch(tmp_path):
             got = fast(embeddings[:1], lesion_probs(1), prompts_override=override)
             assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
     # the fp32 ONNX files are shared with the ONNX Runtime engines: no int8 copy is made
-    assert not list(tmp_path.glob("*.int8.onnx")) and len(list(tmp_path.glob("*.onnx"))) == 3
+    assert not list(tmp_path.glob("*.int8*.onnx")) and len(list(tmp_path.glob("*.onnx"))) == 3
 
 
 @needs_bf16

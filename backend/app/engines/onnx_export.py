@@ -134,8 +134,18 @@ def export_mask_decoder(decoder: nn.Module, embed_dim: int, embed_side: int, pat
     )
 
 
+#: Tag of the int8 recipe in the cached file's name: a graph quantised by an earlier recipe is
+#: not reused. "pc7": per-output-channel weight scales and 7-bit weights (``reduce_range``).
+#: On a CPU without VNNI (AVX2 only) ONNX Runtime multiplies u8 activations by s8 weights with
+#: ``vpmaddubsw``, whose int16 pair sums saturate for full-range weights; 7-bit weights cannot
+#: saturate. Measured on a 2-core AVX2-only EPYC (fold-0 validation, README): the encoder's
+#: embedding moved from cosine 0.978 to 0.993 of fp32, at the same speed.
+INT8_RECIPE = "pc7"
+
+
 def quantize_matmul_int8(source: Path, path: Path) -> Path:
-    """Int8 dynamic quantisation of the ``MatMul`` nodes of ``source`` into ``path`` (atomic)."""
+    """Int8 dynamic quantisation of the ``MatMul`` nodes of ``source`` into ``path`` (atomic):
+    per-channel, 7-bit weights (:data:`INT8_RECIPE`)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as error:
@@ -145,7 +155,12 @@ def quantize_matmul_int8(source: Path, path: Path) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantize_dynamic(
-                str(source), str(tmp), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8
+                str(source),
+                str(tmp),
+                op_types_to_quantize=["MatMul"],
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=True,
             )
         os.replace(tmp, path)
     except Exception as error:
@@ -155,10 +170,10 @@ def quantize_matmul_int8(source: Path, path: Path) -> Path:
 
 
 def _cached_onnx(stem: str, cache_dir: Path, export, *, int8: bool = False) -> Path:
-    """``cache_dir/stem[.int8].onnx``, exported (``export(path)``) and quantised on first use."""
+    """``cache_dir/stem[.int8-RECIPE].onnx``, exported (``export(path)``) and quantised on first use."""
     cache_dir = Path(cache_dir)
     fp32 = cache_dir / f"{stem}.onnx"
-    quantised = cache_dir / f"{stem}.int8.onnx"
+    quantised = cache_dir / f"{stem}.int8-{INT8_RECIPE}.onnx"
     with _EXPORT_LOCK:
         if not fp32.is_file():
             export(fp32)
