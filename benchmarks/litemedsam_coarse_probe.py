@@ -134,11 +134,15 @@ class SamDecoderHead(nn.Module):
         return torch.cat(logits), torch.cat(presence)
 
 
+def early_stages(patch_embed: nn.Module, layers, image: torch.Tensor) -> torch.Tensor:
+    """TinyViT patch embedding + stages 0–1 (``layers[:2]``) on ``B×3×256²`` → ``B×4096×160``
+    tokens (64² grid); for the refiner's encoder or a tuned copy of its early part."""
+    return layers[1](layers[0](patch_embed(image)))
+
+
 def encode_tokens(encoder, image: torch.Tensor) -> torch.Tensor:
-    """TinyViT patch embedding + stages 0–1 on ``B×3×256²`` → ``B×4096×160`` tokens (64² grid)."""
-    x = encoder.patch_embed(image)
-    x = encoder.layers[0](x)
-    return encoder.layers[1](x)
+    """The refiner encoder's stage-1 tokens of ``image`` (:func:`early_stages`)."""
+    return early_stages(encoder.patch_embed, encoder.layers, image)
 
 
 def stage1_map(tokens: torch.Tensor) -> torch.Tensor:
@@ -202,7 +206,7 @@ class Trunk(nn.Module):
 
     def from_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``full`` mode: refiner-input images → (stage-1 tokens, embedding), both tuned."""
-        tokens = self.early[1](self.early[0](self.patch_embed(images)))
+        tokens = early_stages(self.patch_embed, self.early, images)
         return tokens, self(tokens)
 
 

@@ -23,6 +23,7 @@ from training.data.datasets import list_samples
 from training.data.splits import Split
 from training.evaluate import evaluate
 from training.inference import Predictor
+from training.phases.context import write_json
 from training.phases.refiner_finetune import embedding_cache_for
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous = {k: v for k, v in record["test"].items() if k != "per_image"}
     record.setdefault("test_history", []).append({"replaced_because": args.reason, **previous})
     record["test"] = fresh
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record_path, record)  # atomic: an interrupted run leaves the old record whole
     summary = {
         "model_version": predictor.model_version,
         "reason": args.reason,
