@@ -1,31 +1,100 @@
-import sys, time, json, warnings, numpy as np, onnxruntime as ort
+"""Int8 recipes for the encoder's MatMuls, against the fp32 graph; prints one JSON line per recipe.
+
+The ad-hoc probe behind this folder's first table (2026-12-03, 2-core AVX2-only EPYC): each recipe
+of ``onnxruntime.quantization.quantize_dynamic`` is applied to the cached fp32 encoder graph, and
+its embeddings of the first 12 fold-0 validation images are compared with the fp32 graph's
+(mean cosine, mean relative error); then each image is timed once (p50, min).
+
+    python docs/runs/int8-recipe-20261203/quant_variants.py var/cache/onnx/encoder-256-<hash>.onnx
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
-sys.path.insert(0, "/work/main")
-from training.data.datasets import load_image
-from training.data.transforms import refiner_input
-root="/work/main/../shared/data/BUSI/Dataset_BUSI_with_GT/"
-d=json.load(open("/work/main/models/default_split.json"))
-vals=[refiner_input(load_image(root+i.split(" ")[0]+"/"+i+".png"),"litemedsam")[0][None].numpy() for i in sorted(d["folds"][0])[:12]]
-C="/work/main/var/cache/onnx/encoder-256-720b66ceadee5bce.onnx"
-def s(p):
-    o=ort.SessionOptions(); o.intra_op_num_threads=2; o.inter_op_num_threads=1; o.log_severity_level=3
-    o.graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    o.add_session_config_entry("session.intra_op.allow_spinning","0")
-    return ort.InferenceSession(p,o,providers=["CPUExecutionProvider"])
-ref=s(C); refout=[ref.run(None,{"images" if False else ref.get_inputs()[0].name:v})[0].ravel() for v in vals]
-variants={"s8 (shipped)":dict(weight_type=QuantType.QInt8),"s8 reduce_range":dict(weight_type=QuantType.QInt8,reduce_range=True),
- "u8u8":dict(weight_type=QuantType.QUInt8),"s8 per_channel":dict(weight_type=QuantType.QInt8,per_channel=True),
- "s8 per_channel reduce_range":dict(weight_type=QuantType.QInt8,per_channel=True,reduce_range=True)}
-for name,kw in variants.items():
-    out=f"/tmp/prof/q_{name.replace(' ','_').replace('(','').replace(')','')}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore"); quantize_dynamic(C,out,op_types_to_quantize=["MatMul"],**kw)
-    q=s(out); n=q.get_inputs()[0].name
-    cos=[];rel=[]
-    for v,x in zip(vals,refout):
-        y=q.run(None,{n:v})[0].ravel(); cos.append(x@y/np.linalg.norm(x)/np.linalg.norm(y)); rel.append(np.linalg.norm(x-y)/np.linalg.norm(x))
-    for _ in range(2): q.run(None,{n:vals[0]})
-    ts=[]
-    for v in vals:
-        t=time.perf_counter(); q.run(None,{n:v}); ts.append((time.perf_counter()-t)*1000)
-    print(json.dumps({"variant":name,"cos_mean":round(float(np.mean(cos)),4),"rel_mean":round(float(np.mean(rel)),4),"p50_ms":round(float(np.median(ts)),1),"min_ms":round(min(ts),1)}),flush=True)
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO))
+
+from training.config import SHARED_DATA_ROOT  # noqa: E402
+from training.data.datasets import load_image  # noqa: E402
+from training.data.transforms import refiner_input  # noqa: E402
+
+RECIPES = {
+    "s8 (previous)": dict(weight_type=QuantType.QInt8),
+    "s8 reduce_range": dict(weight_type=QuantType.QInt8, reduce_range=True),
+    "u8u8": dict(weight_type=QuantType.QUInt8),
+    "s8 per_channel": dict(weight_type=QuantType.QInt8, per_channel=True),
+    "pc7: s8 per_channel reduce_range": dict(
+        weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+    ),
+}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: image})[0].ravel()
+
+
+def main() -> None:
+    fp32_path = Path(sys.argv[1])
+    split = json.loads((REPO / "models" / "default_split.json").read_text())
+    busi = SHARED_DATA_ROOT / "BUSI" / "Dataset_BUSI_with_GT"
+    images = []
+    for sample_id in sorted(split["folds"][0])[:12]:
+        image = load_image(busi / sample_id.split(" ")[0] / f"{sample_id}.png")
+        images.append(refiner_input(image, "litemedsam")[0][None].numpy())
+    reference = session(fp32_path)
+    wanted = [run(reference, image) for image in images]
+    workdir = Path(tempfile.mkdtemp(prefix="int8-recipes-"))
+    for index, (name, options) in enumerate(RECIPES.items()):
+        target = workdir / f"recipe{index}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(fp32_path), str(target), op_types_to_quantize=["MatMul"], **options)
+        quantised = session(target)
+        cosines, errors = [], []
+        for image, want in zip(images, wanted, strict=True):
+            got = run(quantised, image)
+            cosines.append(float(want @ got / np.linalg.norm(want) / np.linalg.norm(got)))
+            errors.append(float(np.linalg.norm(want - got) / np.linalg.norm(want)))
+        for _ in range(2):
+            run(quantised, images[0])
+        times = []
+        for image in images:
+            started = time.perf_counter()
+            run(quantised, image)
+            times.append((time.perf_counter() - started) * 1000.0)
+        print(
+            json.dumps(
+                {
+                    "recipe": name,
+                    "cosine_mean": round(float(np.mean(cosines)), 4),
+                    "relative_error_mean": round(float(np.mean(errors)), 4),
+                    "p50_ms": round(float(np.median(times)), 1),
+                    "min_ms": round(min(times), 1),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
