@@ -114,6 +114,14 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
     accelerated(refiner, "onnx-int8", tmp_path)  # same weights: cached files reused as they are
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")} == stamps
 
+    # A cache written by an earlier int8 recipe: its file is replaced, not kept beside the new one.
+    (current,) = tmp_path.glob(f"encoder-*.int8-{INT8_RECIPE}.onnx")
+    legacy = current.with_name(current.name.replace(f".int8-{INT8_RECIPE}.onnx", ".int8.onnx"))
+    current.rename(legacy)
+    accelerated(refiner, "onnx-int8", tmp_path)
+    assert current.is_file() and not legacy.exists()
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == files
+
     tuned = copy.deepcopy(refiner)  # a fine-tuned decoder (same frozen encoder) gets its own file
     with torch.no_grad():
         tuned.mask_decoder.iou_token.weight.add_(1.0)

@@ -179,6 +179,10 @@ def _cached_onnx(stem: str, cache_dir: Path, export, *, int8: bool = False) -> P
             export(fp32)
         if int8 and not quantised.is_file():
             quantize_matmul_int8(fp32, quantised)
+            # The same graph quantised by an earlier recipe is never read again.
+            for stale in cache_dir.glob(f"{stem}.int8*.onnx"):
+                if stale != quantised:
+                    stale.unlink(missing_ok=True)
     return quantised if int8 else fp32
 
 
