@@ -39,6 +39,7 @@ import numpy as np
 from backend.app.engines import ENGINE_NAMES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
+from training.data.splits import Split
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.losses import dice_score
@@ -49,19 +50,25 @@ def box_of(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def _has_lesion(sample) -> bool:
+    return sample.label != "normal" and bool(sample.mask_paths)
+
+
 def lesion_samples(root: Path, n: int, split_file: Path | None = None, fold: int | None = None) -> list:
-    samples = [s for s in list_samples("busi", root) if s.label != "normal" and s.mask_paths]
+    samples = list_samples("busi", root)
     if split_file is not None:
-        split = json.loads(split_file.read_text())
-        if fold is None:
-            chosen = set(split["test_ids"])
-        elif 0 <= fold < len(split["folds"]):
-            chosen = set(split["folds"][fold])
-        else:
-            raise SystemExit(f"--fold {fold}: the split has folds 0..{len(split['folds']) - 1}")
-        return [s for s in samples if s.id in chosen]
+        split = Split.load(split_file)
+        try:
+            if fold is None:
+                chosen = split.test_samples(samples, str(root))
+            else:
+                chosen = split.val_samples(fold, samples, str(root))
+        except IndexError:
+            raise SystemExit(f"--fold {fold}: the split has folds 0..{len(split.folds) - 1}") from None
+        return [s for s in chosen if _has_lesion(s)]
     if fold is not None:
         raise SystemExit("--fold needs --split-file")
+    samples = [s for s in samples if _has_lesion(s)]
     # Alternate benign and malignant so a small N still covers both.
     benign = [s for s in samples if s.label == "benign"]
     malignant = [s for s in samples if s.label == "malignant"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -38,7 +37,7 @@ def test_fold_selects_that_validation_folds_lesion_images_and_test_stays_default
     assert not test & {s.id for s in module.lesion_samples(BUSI, 0, SPLIT, 0)}
 
 
-def test_a_fold_outside_the_split_or_without_a_split_file_is_a_one_line_error(tmp_path: Path):
+def test_a_fold_outside_the_split_or_without_a_split_file_is_a_one_line_error():
     module = _module()
     with pytest.raises(SystemExit, match=r"--fold 3: the split has folds 0\.\.2"):
         module.lesion_samples(BUSI, 0, SPLIT, 3)

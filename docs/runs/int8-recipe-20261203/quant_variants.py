@@ -18,14 +18,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
+from backend.app.engines.onnxruntime_engine import onnxruntime_session  # noqa: E402
 from training.config import SHARED_DATA_ROOT  # noqa: E402
-from training.data.datasets import load_image  # noqa: E402
+from training.data.datasets import list_samples, load_image  # noqa: E402
+from training.data.splits import Split  # noqa: E402
 from training.data.transforms import refiner_input  # noqa: E402
 
 RECIPES = {
@@ -39,28 +40,21 @@ RECIPES = {
 }
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def session(path: Path):
+    """The session the served ``onnx-int8`` engine opens (2 threads, as on the 2-core VM)."""
+    return onnxruntime_session(path, 2)
 
 
-def run(sess: ort.InferenceSession, image: np.ndarray) -> np.ndarray:
+def run(sess, image: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: image})[0].ravel()
 
 
 def main() -> None:
     fp32_path = Path(sys.argv[1])
-    split = json.loads((REPO / "models" / "default_split.json").read_text())
-    busi = SHARED_DATA_ROOT / "BUSI" / "Dataset_BUSI_with_GT"
-    images = []
-    for sample_id in sorted(split["folds"][0])[:12]:
-        image = load_image(busi / sample_id.split(" ")[0] / f"{sample_id}.png")
-        images.append(refiner_input(image, "litemedsam")[0][None].numpy())
+    busi = SHARED_DATA_ROOT / "BUSI"
+    split = Split.load(REPO / "models" / "default_split.json")
+    validation = sorted(split.val_samples(0, list_samples("busi", busi), str(busi)), key=lambda s: s.id)
+    images = [refiner_input(load_image(s.image_path), "litemedsam")[0][None].numpy() for s in validation[:12]]
     reference = session(fp32_path)
     wanted = [run(reference, image) for image in images]
     workdir = Path(tempfile.mkdtemp(prefix="int8-recipes-"))
