@@ -41,7 +41,7 @@ from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
 from training.inference import Predictor
 from training.machine import describe
-from training.modeling.lesion_filter import drop_tiny_masks_from_logits
+from training.modeling.lesion_filter import EMPTY_LOGIT_MARGIN, drop_tiny_masks_from_logits
 from training.modeling.losses import dice_score
 
 
@@ -67,7 +67,7 @@ def _components_to_background(coarse_logits: torch.Tensor, dropped) -> torch.Ten
         if count == 0:
             continue
         pixels = torch.from_numpy(dropped(labels, count, probs))
-        kept[index, 1][pixels] = kept[index, 0][pixels] - 10.0
+        kept[index, 1][pixels] = kept[index, 0][pixels] - EMPTY_LOGIT_MARGIN
     return kept
 
 
