@@ -42,6 +42,7 @@ augmentation), the run a lent GPU is for; on the CPU it is ≈ 10–25 min per e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -242,6 +243,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tune-lr", type=float, default=5e-4, help="Peak learning rate of the tuned trunk.")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="Wall-clock budget of the whole probe (a lent GPU's call limit): the epoch count is cut, "
+        "before training starts, to what fits after timing a few steps and one validation pass.",
+    )
+    parser.add_argument(
+        "--skip-shipped",
+        action="store_true",
+        help="Skip the served pipeline's own evaluation of the fold (``transunet_val``, always "
+        "reported, scores the shipped TransUNet + refiner on the same cached embeddings).",
+    )
+    parser.add_argument(
         "--busbra-root",
         type=Path,
         default=SHARED_DATA_ROOT / "BUSBRA-sample",
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = Predictor.from_bundle(args.bundle)
     encoder = predictor.refiner.image_encoder.eval().to(device)  # back to the CPU for the shipped model
 
-    started = time.monotonic()
+    started = probe_started = time.monotonic()
     cache: dict[str, dict] = {}
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for sample_id in [*train, *val, *other_ids]:
@@ -412,31 +425,73 @@ def main(argv: list[str] | None = None) -> dict:
             )
         return result
 
+    def train_step(ids: list[str], flips: list[bool]) -> torch.Tensor:
+        tokens, neck, images, targets = batch(ids, flips)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if full:
+                tokens, neck = trunk.from_image(images)
+            elif trunk is not None:
+                neck = trunk(tokens)
+            logits, presence = head(stage1_map(tokens), neck, images)
+        logits, presence = logits.float(), presence.float()
+        present = (targets.flatten(1).amax(1) > 0).float()
+        probs = torch.sigmoid(logits)
+        inter = (probs * targets).flatten(1).sum(1)
+        dice = 1 - (2 * inter + 1) / (probs.flatten(1).sum(1) + targets.flatten(1).sum(1) + 1)
+        dice = (dice * present).sum() / present.sum().clamp(min=1)
+        loss = F.binary_cross_entropy_with_logits(logits, targets) + dice
+        return loss + 0.5 * F.binary_cross_entropy_with_logits(presence, present)
+
+    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    epochs, budget = args.epochs, None
+    if args.time_budget_s is not None:
+        # Fit the schedule to the budget before it starts: time three steps (gradients discarded,
+        # weights untouched) and one validation pass; keep room for the final evaluation (≈ 8
+        # validation passes with the refiner).
+        snapshot = [copy.deepcopy(m.state_dict()) for m in (head, trunk) if m is not None]
+        step_times = []
+        for _ in range(3):
+            tick = time.monotonic()
+            train_step(train[: args.batch_size], [False] * min(args.batch_size, len(train))).backward()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.monotonic() - tick)
+        for module, state in zip([m for m in (head, trunk) if m is not None], snapshot, strict=True):
+            module.load_state_dict(state)  # batch-norm statistics as they were
+        tick = time.monotonic()
+        validate()
+        validate_s = time.monotonic() - tick
+        epoch_s = steps_per_epoch * float(np.median(step_times[1:])) + validate_s
+        left = args.time_budget_s - (time.monotonic() - probe_started) - 8 * validate_s
+        epochs = max(1, min(args.epochs, int(left // epoch_s)))
+        budget = {
+            "time_budget_s": args.time_budget_s,
+            "step_s": round(float(np.median(step_times[1:])), 3),
+            "validate_s": round(validate_s, 1),
+            "epochs_asked": args.epochs,
+            "epochs_planned": epochs,
+        }
+        print(json.dumps({"budget": budget}), file=sys.stderr, flush=True)
+        if epochs < args.epochs:
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=epochs * steps_per_epoch,
+                pct_start=0.1,
+            )
+
     history, best, best_state = [], None, None
     started = time.monotonic()
     generator = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         head.train()
         order = torch.randperm(len(train), generator=generator).tolist()
         losses = []
         for start in range(0, len(order), args.batch_size):
             ids = [train[i] for i in order[start : start + args.batch_size]]
             flips = (torch.rand(len(ids), generator=generator) < 0.5).tolist()
-            tokens, neck, images, targets = batch(ids, flips)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                if full:
-                    tokens, neck = trunk.from_image(images)
-                elif trunk is not None:
-                    neck = trunk(tokens)
-                logits, presence = head(stage1_map(tokens), neck, images)
-            logits, presence = logits.float(), presence.float()
-            present = (targets.flatten(1).amax(1) > 0).float()
-            probs = torch.sigmoid(logits)
-            inter = (probs * targets).flatten(1).sum(1)
-            dice = 1 - (2 * inter + 1) / (probs.flatten(1).sum(1) + targets.flatten(1).sum(1) + 1)
-            dice = (dice * present).sum() / present.sum().clamp(min=1)
-            loss = F.binary_cross_entropy_with_logits(logits, targets) + dice
-            loss = loss + 0.5 * F.binary_cross_entropy_with_logits(presence, present)
+            loss = train_step(ids, flips)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -463,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {
         "ensemble_val": validate(refine=True, ensemble=True, gate=False),
         "ensemble_gated_val": validate(refine=True, ensemble=True, gate=True),
+        "transunet_val": validate(refine=True, transunet_only=True, gate=False),
         "transunet_gated_val": validate(refine=True, transunet_only=True, gate=True),
     }
     if other_ids:
@@ -475,8 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
     from training.evaluate import evaluate
 
     encoder.to("cpu")
-    shipped = evaluate(predictor, [by_id[i] for i in val], phase=None)
-    shipped_other = evaluate(predictor, other, phase=None) if other else None
+    skip = args.skip_shipped
+    shipped = None if skip else evaluate(predictor, [by_id[i] for i in val], phase=None)
+    shipped_other = evaluate(predictor, other, phase=None) if other and not skip else None
 
     def brief(report):
         if report is None:
@@ -506,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "encode_s": round(encode_s, 1),
+        "budget": budget,
+        "epochs_run": len(history),
         "train_s": round(train_s, 1),
         "best_epoch": best["epoch"],
         "head_val": final,

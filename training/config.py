@@ -240,6 +240,13 @@ class CoarseTrainConfig(_Strict):
     aug_rotation_deg: float = Field(10.0, ge=0, le=180, description="Largest rotation, degrees (±).")
     aug_scale: tuple[float, float] = Field((0.9, 1.1), description="Zoom range (min, max).")
     aug_translation: float = Field(0.05, ge=0, le=0.5, description="Largest shift, fraction of the side (±).")
+    aug_aspect: float = Field(
+        1.0,
+        ge=1.0,
+        le=3.0,
+        description="Largest anisotropic stretch (width against height, log-uniform in [1/a, a]): "
+        "another scanner's field of view, squeezed to the square input; 1 = off.",
+    )
     aug_gamma: tuple[float, float] = Field((0.7, 1.5), description="Gamma range (min, max).")
     aug_contrast: tuple[float, float] = Field((0.9, 1.1), description="Contrast factor range (min, max).")
     aug_brightness: float = Field(

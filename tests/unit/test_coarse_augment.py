@@ -109,3 +109,30 @@ def test_blur_keeps_a_constant_image_and_its_sigma_is_per_image():
 def test_bad_ranges_are_refused_by_name(overrides):
     with pytest.raises(ValidationError, match=next(iter(overrides))):
         CoarseTrainConfig(**overrides)
+
+
+def test_aspect_stretch_changes_width_against_height_within_its_range():
+    # A centred square label: a stretch s makes it √s times wider and √s times lower (or the
+    # reverse), so the width/height ratio of every augmented label lies in [1/a, a], and the batch
+    # holds both wider and taller ones.
+    size, batch, a = 96, 16, 2.0
+    targets = torch.zeros(batch, size, size, dtype=torch.long)
+    targets[:, 36:60, 36:60] = 1
+    images = targets[:, None].float()
+    cfg = CoarseTrainConfig(**{**IDENTITY, "aug_aspect": a})
+    out_images, out_targets = augment_coarse_batch(images, targets, torch.Generator().manual_seed(3), cfg)
+    ratios = []
+    for label in out_targets:
+        width = int(label.any(dim=0).sum())
+        height = int(label.any(dim=1).sum())
+        ratios.append(width / height)
+    ratios = torch.tensor(ratios)
+    assert ratios.min() < 0.95 and ratios.max() > 1.05
+    assert ratios.min() >= 1 / a - 0.1 and ratios.max() <= a + 0.1
+    agreement = ((out_images[:, 0] > 0.5).long() == out_targets).float().mean()
+    assert agreement > 0.99
+
+
+def test_aspect_below_one_is_refused():
+    with pytest.raises(ValidationError, match="aug_aspect"):
+        CoarseTrainConfig(aug_aspect=0.5)

@@ -61,7 +61,8 @@ def _gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 def augment_coarse_batch(
     images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator, cfg: CoarseTrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flip, affine (rotation, zoom, shift), gamma/contrast/brightness, noise, blur, low resolution.
+    """Random flip, affine (rotation, zoom, stretch, shift), gamma/contrast/brightness, noise, blur,
+    low resolution.
 
     ``images``: ``B×1×S×S`` in [0, 1]; ``targets``: ``B×S×S`` long; ranges from ``cfg`` (the ``aug_*``
     fields). Geometry is applied identically to both (bilinear for images, nearest for labels); the
@@ -83,11 +84,17 @@ def augment_coarse_batch(
     shift_x = uniform(-cfg.aug_translation, cfg.aug_translation)
     shift_y = uniform(-cfg.aug_translation, cfg.aug_translation)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    cos_x, sin_x, cos_y, sin_y = cos, sin, cos, sin
+    if cfg.aug_aspect > 1.0:  # drawn only when enabled: the default recipe's random stream is unchanged
+        stretch = torch.exp(uniform(-math.log(cfg.aug_aspect), math.log(cfg.aug_aspect)))
+        # Output → input coordinates: the x column shrinks by √stretch, the y column grows by it.
+        cos_x, sin_x = cos * torch.rsqrt(stretch), sin * torch.rsqrt(stretch)
+        cos_y, sin_y = cos * torch.sqrt(stretch), sin * torch.sqrt(stretch)
     mirror = torch.where(flip, -1.0, 1.0)
     theta = torch.stack(
         [
-            torch.stack([cos * mirror, -sin, 2 * shift_x], dim=1),
-            torch.stack([sin * mirror, cos, 2 * shift_y], dim=1),
+            torch.stack([cos_x * mirror, -sin_y, 2 * shift_x], dim=1),
+            torch.stack([sin_x * mirror, cos_y, 2 * shift_y], dim=1),
         ],
         dim=1,
     ).to(images)
