@@ -43,6 +43,8 @@ from training.machine import describe
 from training.modeling.coarse_registry import build_coarse
 from training.modeling.losses import dice_score
 
+VARIANTS = ("full", "portrait", "portrait+canvas", "full+canvas")
+
 
 def portrait_window(mask: np.ndarray, aspect: float) -> tuple[int, int]:
     """Columns ``[x0, x1)`` of a crop ``aspect`` × height wide, centred on the lesion's columns
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     parser.add_argument("--aspect", type=float, default=0.74, help="Width/height of the portrait crop.")
     parser.add_argument("--canvas-aspect", type=float, default=1.2, help="Width/height of the widened frame.")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}."
+    )
     parser.add_argument("--limit", type=int, help="Only the first N images (a quick look).")
     args = parser.parse_args(argv)
 
@@ -106,7 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
         predictor, args.engine, args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
     )
 
-    variants = ("full", "portrait", "portrait+canvas", "full+canvas")
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
     scores = {name: {"coarse": [], "refined": [], "fp_coarse": [], "fp_refined": []} for name in variants}
     cropped = 0
     started = time.perf_counter()
@@ -149,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         "fold": args.fold,
         "aspect": args.aspect,
         "canvas_aspect": args.canvas_aspect,
-        "n_lesion_images": len(scores["full"]["coarse"]),
-        "n_normal_images": len(scores["full"]["fp_coarse"]),
+        "n_lesion_images": len(scores[variants[0]]["coarse"]),
+        "n_normal_images": len(scores[variants[0]]["fp_coarse"]),
         "n_cropped": cropped,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "variants": {
