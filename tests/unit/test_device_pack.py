@@ -62,3 +62,29 @@ def test_only_the_folds_images_travel_and_come_back_aligned(tmp_path):
         reduced = np.asarray(Image.fromarray(truth).resize((250, 150), Image.Resampling.NEAREST))
         assert (mask == reduced).mean() > 0.99  # the union of the masks, resized like the image
         assert abs(float(image.mean()) - float(load_image(originals[sample_id].image_path).mean())) < 3
+
+
+def test_the_packed_encoder_restores_to_a_checkpoint_the_refiner_loads(tmp_path):
+    # What travels is the pretrained image encoder in fp16 and the package without its checkpoint;
+    # restored there with the shipped bundle's decoder, it must load under the refiner's strict
+    # key check, with the encoder equal to the package's up to fp16 rounding.
+    import torch
+
+    from training.config import RefinerConfig
+    from training.modeling.refiner import build_refiner
+
+    spec = importlib.util.spec_from_file_location(
+        "restore_medsam", Path(__file__).resolve().parents[2] / "scripts" / "device" / "restore_medsam.py"
+    )
+    restore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(restore)
+    pack.pack_medsam(tmp_path / "medsam")
+    assert not list((tmp_path / "medsam").rglob("*.pth"))  # the 39 MB checkpoint stays behind
+    bundle = Path(__file__).resolve().parents[2] / "models" / "default.pt"
+    restore.main(str(tmp_path / "medsam" / "image_encoder_fp16.pt"), str(bundle), str(tmp_path / "lite.pth"))
+    refiner = build_refiner(RefinerConfig(checkpoint=tmp_path / "lite.pth"))
+    pretrained = build_refiner(RefinerConfig()).state_dict()
+    restored = refiner.state_dict()
+    for name, tensor in pretrained.items():
+        if name.startswith("image_encoder.") and tensor.is_floating_point():
+            assert torch.allclose(restored[name], tensor, rtol=1e-3, atol=1e-3), name
