@@ -32,7 +32,9 @@ refiner keeps decoding the frozen embedding, so serving such a head would share 
 0–1 and run stages 2–3 twice (frozen for the refiner, tuned for the coarse head).
 
 ``--tune full --device cuda`` fine-tunes a copy of the whole encoder from the image (mirror
-augmentation), the run a lent GPU is for; on the CPU it is ≈ 10–25 min per epoch.
+augmentation), the run a lent GPU is for; on the CPU it is ≈ 25–50 min per epoch.
+``scripts/device/coarse_probe.sh`` runs it in one device call, with ``--time-budget-s`` cutting
+the epoch count to what fits the call (timed before training starts, final evaluation included).
 
     python benchmarks/litemedsam_coarse_probe.py [--fold 0] [--epochs 30] [--width 96] [--limit N]
         [--head dilated|sam-decoder] [--tune none|lora|late|full] [--tune-lr 5e-4] [--lora-rank 8]
