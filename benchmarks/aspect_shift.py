@@ -34,13 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
-from training.checkpoints import load_checkpoint
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
 from training.inference import Predictor
 from training.machine import describe
-from training.modeling.coarse_registry import build_coarse
+from training.modeling.coarse_registry import load_coarse_checkpoint
 from training.modeling.losses import dice_score
 
 VARIANTS = ("full", "portrait", "portrait+canvas", "full+canvas")
@@ -100,13 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     samples = samples[: args.limit] if args.limit else samples
     predictor = Predictor.from_bundle(args.model)
     if args.coarse is not None:
-        coarse = build_coarse(predictor.config)
         try:
-            coarse.load_state_dict(load_checkpoint(args.coarse)["model"])
+            predictor.coarse = load_coarse_checkpoint(predictor.config, args.coarse)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SystemExit(f"--coarse: {args.coarse}: {detail}") from None
-        predictor.coarse = coarse.eval()
     accelerate_predictor(
         predictor, args.engine, args.onnx_cache or Path(tempfile.mkdtemp(prefix="ultrarefiner-onnx-"))
     )

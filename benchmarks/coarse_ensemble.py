@@ -28,14 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from training.checkpoints import load_checkpoint
 from training.data.datasets import DATASETS, list_samples
 from training.data.splits import Split
 from training.evaluate import evaluate
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.coarse_ensemble import MeanLogits
-from training.modeling.coarse_registry import build_coarse
+from training.modeling.coarse_registry import load_coarse_checkpoint
 from training.phases.context import COARSE_DIR
 from training.phases.refiner_finetune import embedding_cache_for
 
@@ -102,14 +101,13 @@ def main(argv: list[str] | None = None) -> dict:
         paths += sorted((args.run_dir / COARSE_DIR).glob("fold*/best.pt"))
     members = []
     for path in paths:
-        model = build_coarse(cfg)
         try:
-            model.load_state_dict(load_checkpoint(path)["model"])
+            model = load_coarse_checkpoint(cfg, path)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
             # One line, not a traceback: a wrong path, not a checkpoint, or another architecture.
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SystemExit(f"--members / --run-dir: {path}: {detail}") from None
-        members.append(model.eval())
+        members.append(model)
     if not args.without_bundle_coarse:
         members.insert(0, predictor.coarse)
     if len(members) < 2:

@@ -87,3 +87,14 @@ def coarse_in_channels(cfg: TrainingConfig) -> int:
 def load_coarse_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
     """Load the pretrained weights ``cfg`` names for its coarse segmenter; whether any were."""
     return coarse_spec(cfg).load_pretrained(model, cfg)
+
+
+def load_coarse_checkpoint(cfg: TrainingConfig, path: str | Path) -> nn.Module:
+    """The coarse segmenter ``cfg`` names with the weights of a phase-1 checkpoint
+    (``coarse/fold<k>/best.pt``), in eval mode. Raises what loading raises (a missing file, not a
+    checkpoint, another architecture) for the caller to report."""
+    from training.checkpoints import load_checkpoint
+
+    model = build_coarse(cfg)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model.eval()
