@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -37,10 +36,10 @@ from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
+from training.evaluate import image_record, summarize
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.coarse_registry import load_coarse_checkpoint
-from training.modeling.losses import dice_score
 
 VARIANTS = ("full", "portrait", "portrait+canvas", "full+canvas")
 
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [name.strip() for name in args.variants.split(",") if name.strip()]
     if not variants or set(variants) - set(VARIANTS):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
-    scores = {name: {"coarse": [], "refined": [], "fp_coarse": [], "fp_refined": []} for name in variants}
+    records: dict[str, list[dict]] = {name: [] for name in variants}
     cropped = 0
     started = time.perf_counter()
     for sample in samples:
@@ -132,18 +131,21 @@ def main(argv: list[str] | None = None) -> dict:
             if name.endswith("+canvas"):
                 given, offset = widen(given, args.canvas_aspect)
             prediction = predictor.predict(np.ascontiguousarray(given))
-            coarse = prediction.coarse_mask()[:, offset : offset + width]
-            refined = prediction.refined_mask()[:, offset : offset + width]
-            entry = scores[name]
-            if given_truth is None:
-                entry["fp_coarse"].append(float(coarse.any()))
-                entry["fp_refined"].append(float(refined.any()))
-            else:
-                entry["coarse"].append(dice_score(coarse, given_truth))
-                entry["refined"].append(dice_score(refined, given_truth))
+            columns = slice(offset, offset + width)
+            truth_given = given_truth if given_truth is not None else np.zeros(given.shape[:2], dtype=bool)
+            records[name].append(
+                image_record(
+                    sample.id,
+                    sample.label,
+                    truth_given,
+                    prediction.coarse_probs[:, columns],
+                    prediction.refined_probs[:, columns],
+                )  # fmt: skip
+            )
+    summaries = {name: summarize(entries) for name, entries in records.items()}
 
-    def mean(values: list[float]) -> float | None:
-        return round(statistics.fmean(values), 4) if values else None
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
 
     report = {
         "machine": describe(),
@@ -153,18 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
         "fold": args.fold,
         "aspect": args.aspect,
         "canvas_aspect": args.canvas_aspect,
-        "n_lesion_images": len(scores[variants[0]]["coarse"]),
-        "n_normal_images": len(scores[variants[0]]["fp_coarse"]),
+        "n_lesion_images": summaries[variants[0]]["n_images"],
+        "n_normal_images": summaries[variants[0]]["normal"]["n_images"],
         "n_cropped": cropped,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "variants": {
             name: {
-                "dice_coarse": mean(entry["coarse"]),
-                "dice_refined": mean(entry["refined"]),
-                "normal_fp_rate_coarse": mean(entry["fp_coarse"]),
-                "normal_fp_rate_refined": mean(entry["fp_refined"]),
+                "dice_coarse": rounded(summary["dice_coarse"]),
+                "dice_refined": rounded(summary["dice_refined"]),
+                "normal_fp_rate_coarse": rounded(summary["normal"]["fp_rate_coarse"]),
+                "normal_fp_rate_refined": rounded(summary["normal"]["fp_rate_refined"]),
             }
-            for name, entry in scores.items()
+            for name, summary in summaries.items()
         },
     }
     json.dump(report, sys.stdout, indent=2)
