@@ -11,6 +11,7 @@ model did not forget its first hospital.
     python benchmarks/correction_loop.py [--init-from models/default.pt] [--held-out-cases 16,28]
         [--coarse-epochs 10 --coarse-lr 0.001 --refiner-epochs 2] [--busi-limit N] [--engine auto]
         [--pool-busi --pool-weight 10 --folds-to-run 0] [--replay-busi N]
+        [--blend-guard init|none --blend-max-dice-drop 0.01 --blend-max-fp-rise 0.1]
 
 Everything is written under a temporary folder (``--work-dir`` to keep it).
 """
@@ -93,6 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--folds-to-run", default=None, help="Phase-1 folds to train, e.g. 0 (default: all of the split's)."
     )
+    parser.add_argument(
+        "--blend-guard",
+        default=None,
+        choices=["init", "none"],
+        help="finetune.blend_guard (default: the config's): blend with the starting weights, guarded.",
+    )
+    parser.add_argument("--blend-max-dice-drop", type=float, help="finetune.blend_max_dice_drop.")
+    parser.add_argument("--blend-max-fp-rise", type=float, help="finetune.blend_max_fp_rise.")
     parser.add_argument("--cache-dir", type=Path, help="Embedding cache (default: under the work folder).")
     parser.add_argument("--engine", default="auto", help="Serving engine of the evaluations.")
     parser.add_argument("--work-dir", type=Path, help="Keep everything here (default: a temp folder).")
@@ -188,6 +197,15 @@ def main(argv: list[str] | None = None) -> dict:
             "augment": {"per_mask": 3},
             "refiner_train": {"epochs": args.refiner_epochs, "batch_size": 4},
             "end_to_end": {"epochs": max(1, args.end_to_end_epochs), "batch_size": 2},
+            "finetune": {
+                key: value
+                for key, value in (
+                    ("blend_guard", args.blend_guard),
+                    ("blend_max_dice_drop", args.blend_max_dice_drop),
+                    ("blend_max_fp_rise", args.blend_max_fp_rise),
+                )
+                if value is not None
+            },
         }
     )
     started = time.monotonic()
@@ -218,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
             "split": summary["split"],
             "corrections_test_before": summary.get("init_test"),
             "corrections_test_after": summary.get("test"),
+            # The blend of the fine-tuned and the starting weights kept (training.weight_blend).
+            "blend": (summary.get("metrics") or {}).get("blend"),
         },
         "save_s": round(save_s, 1),
         "train_s": round(train_s, 1),

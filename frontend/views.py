@@ -439,7 +439,16 @@ def fine_tuning_text(metrics: JSON) -> str:
             for name, part in parts_after.items()
         ]
         text += f" ({'; '.join(each)})"
-    return f"{text} from {source}"
+    text += f" from {source}"
+    blend = metrics.get("blend")
+    if (
+        isinstance(blend, dict)
+        and blend.get("status") == "chosen"
+        and isinstance(blend.get("alpha"), int | float)
+    ):
+        # How far from the starting weights the guard let the run go (training.weight_blend).
+        text += f", blend α {blend['alpha']:g}"
+    return text
 
 
 def model_choices(models: list[JSON]) -> list[tuple[str, str]]:

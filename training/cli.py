@@ -40,6 +40,7 @@ SECTION_PREFIX = {
     "augment": "augment",
     "refiner_train": "refiner",
     "end_to_end": "end-to-end",
+    "finetune": "finetune",
 }
 #: Fields whose bare name would mislead (``--augment`` looks like the phase): always prefixed.
 ALWAYS_PREFIXED = {("refiner", "checkpoint"), ("refiner", "pretrained"), ("coarse", "augment")}
@@ -189,6 +190,7 @@ SECTION_PANEL = {
     "augment": "Phase 2a: mask augmentation",
     "refiner_train": "Phase 2b: refiner fine-tuning",
     "end_to_end": "Phase 3: end-to-end",
+    "finetune": "Fine-tuning from a bundle (--init-from)",
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -334,6 +334,52 @@ class EndToEndConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision (CUDA only).")
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning runs (``init_from``): how far the fine-tuned weights may move from the start.
+
+    After the phases, the run blends its weights with the starting bundle's,
+    ``start + α·(tuned − start)`` for each α of ``blend_alphas`` (largest first; weight-space ensembling,
+    Wortsman et al., CVPR 2022), and keeps the largest α whose model stays within the guard on
+    the *guard images*: the starting model's own validation fold (its data config and final
+    fold, minus any image of this run's training or test parts). α = 0 (the starting model) is
+    kept when none does. Without those images (data moved, another machine) the fine-tuned
+    weights are kept as they are and the run says so.
+    """
+
+    blend_guard: Literal["init", "none"] = Field(
+        "init",
+        description="init: choose α on the starting model's validation images; none: keep the "
+        "fine-tuned weights (α = 1) unchecked.",
+    )
+    blend_alphas: list[float] = Field(
+        [1.0, 0.75, 0.5, 0.3, 0.2, 0.1],
+        min_length=1,
+        max_length=20,
+        description="Candidate blend factors in (0, 1], tried largest first; the first within the "
+        "guard is kept.",
+    )
+    blend_max_dice_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest allowed fall of refined lesion Dice on the guard images."
+    )
+    blend_max_fp_rise: float = Field(
+        0.10,
+        ge=0,
+        le=1,
+        description="Largest allowed rise of the refined normal-image false-positive rate on the "
+        "guard images (ignored when they hold no normal image).",
+    )
+    blend_guard_limit: int | None = Field(
+        None, ge=1, description="Use only the first N guard images (faster, noisier)."
+    )
+
+    @field_validator("blend_alphas")
+    @classmethod
+    def _alphas_in_range(cls, alphas: list[float]) -> list[float]:
+        if any(not 0 < alpha <= 1 for alpha in alphas):
+            raise ValueError("every alpha must lie in (0, 1]")
+        return sorted(set(alphas), reverse=True)
+
+
 #: Top-level fields of earlier versions that stored configs may still hold (ignored on load):
 #: ``num_workers`` (data is preloaded in memory; there never was a DataLoader pool).
 RETIRED_FIELDS = frozenset({"num_workers"})
@@ -376,6 +422,7 @@ class TrainingConfig(BaseSettings):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     refiner_train: RefinerTrainConfig = Field(default_factory=RefinerTrainConfig)
     end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="before")
     @classmethod

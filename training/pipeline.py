@@ -43,6 +43,8 @@ from training.phases.context import (
     seed_everything,
     write_json,
 )
+from training.weight_blend import PHASE as BLEND
+from training.weight_blend import choose_blend
 
 log = logging.getLogger("training")
 
@@ -130,6 +132,8 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
                 if key == phase or key.startswith(phase + "/"):
                     ctx.progress.set(key, 1.0)
     ctx.progress.add(EVALUATION, 0.5)
+    if cfg.init_from is not None and cfg.finetune.blend_guard != "none":
+        ctx.progress.add(BLEND, 0.5)
     log.info(
         "run %s: phases %s on %s (%d images) with %s",
         output_dir,
@@ -178,8 +182,14 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
         if bundle is None:
             ctx.warn("no coarse model in this run yet: no test evaluation and no bundle", EVALUATION)
         else:
+            blend_report = None
+            if starting is not None:  # as far from the start as the starting model's validation allows
+                bundle, blend_report = choose_blend(ctx, starting, bundle, _blend_exclusions(ctx))
+                write_json(output_dir / "blend.json", blend_report)
             test_report = evaluate_test_split(ctx, bundle)
             bundle["metrics"] = bundle_metrics(output_dir, test_report)
+            if blend_report is not None:
+                bundle["metrics"]["blend"] = blend_report
             if init_report is not None:
                 bundle["metrics"]["init_test"] = _without_images(init_report)
                 bundle["metrics"]["init_from"] = {
@@ -222,6 +232,15 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
         extra={"status": "completed", **{k: summary[k] for k in ("bundle_path", "test", "coarse_folds")}},
     )
     return summary
+
+
+def _blend_exclusions(ctx: RunContext) -> set[str]:
+    """Image ids the blend's guard must not use: this run's test split and its training images."""
+    excluded = set(ctx.split.test_ids) | set(ctx.split.trainval_ids)
+    final = ctx.output_dir / COARSE_DIR / "final.json"
+    if final.is_file():  # the final fold's validation images: never trained on by this run
+        excluded -= set(ctx.split.val_ids(int(read_json(final)["fold"])))
+    return excluded
 
 
 def _without_images(report: dict) -> dict:

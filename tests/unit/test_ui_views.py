@@ -123,6 +123,8 @@ def test_models_show_dice_before_and_after_fine_tuning():
         "0.8200 → 0.8600 from compact-litemedsam-start"
     )
     assert views.fine_tuning_text({"test": {"dice_refined": 0.7}}) == ""
+    blended = metrics | {"blend": {"status": "chosen", "alpha": 0.3}}
+    assert views.fine_tuning_text(blended) == "0.8200 → 0.8600 from compact-litemedsam-start, blend α 0.3"
     pooled = {
         "test": {
             "dice_refined": 0.8,
