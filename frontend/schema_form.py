@@ -39,6 +39,7 @@ SECTION_TITLES = {
     "augment": "Phase 2a: mask augmentation",
     "refiner_train": "Phase 2b: refiner fine-tuning",
     "end_to_end": "Phase 3: end-to-end",
+    "finetune": "Fine-tuning from a model: blend with its weights",
 }
 
 #: Words written differently in labels.

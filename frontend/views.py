@@ -29,6 +29,7 @@ PHASE_LABELS = {
     "end_to_end": "phase 3 · end-to-end",
     "end-to-end": "phase 3 · end-to-end",
     "test": "test split · final model",
+    "blend": "blend with the starting model",
 }
 
 

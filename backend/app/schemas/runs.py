@@ -8,7 +8,8 @@ section models, constraints, defaults and descriptions — so the admin UI's for
   ``epochs`` of every training phase that does not set its own), ``config_name``, ``phases``,
   ``device``;
 * one optional section per :class:`~training.config.TrainingConfig` section (``data``,
-  ``transunet``, ``refiner``, ``coarse``, ``augment``, ``refiner_train``, ``end_to_end``).
+  ``transunet``, ``refiner``, ``coarse``, ``augment``, ``refiner_train``, ``end_to_end``,
+  ``finetune``).
   Only the fields a client sends are applied; the rest keep their defaults. ``transunet``
   fields override the architecture named by ``config_name`` (compact or full), not the class
   defaults.
@@ -35,6 +36,7 @@ from training.config import (
     DatasetName,
     Device,
     EndToEndConfig,
+    FinetuneConfig,
     Phase,
     RefinerConfig,
     RefinerTrainConfig,
@@ -46,7 +48,7 @@ _TOP = TrainingConfig.model_fields
 _DATA = DataConfig.model_fields
 #: Sections whose ``epochs`` the top-level ``epochs`` shortcut sets.
 EPOCH_SECTIONS = ("coarse", "refiner_train", "end_to_end")
-SECTIONS = ("data", "refiner", "coarse", "augment", "refiner_train", "end_to_end")
+SECTIONS = ("data", "refiner", "coarse", "augment", "refiner_train", "end_to_end", "finetune")
 
 
 class TransUNetOverrides(TransUNetConfig):
@@ -129,6 +131,10 @@ class RunCreate(BaseModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Phase 2a.")
     refiner_train: RefinerTrainConfig = Field(default_factory=RefinerTrainConfig, description="Phase 2b.")
     end_to_end: EndToEndConfig = Field(default_factory=EndToEndConfig, description="Phase 3.")
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="Fine-tuning from init_model_id: the blend with the starting weights, guarded.",
+    )
 
     @field_validator("phases")
     @classmethod
