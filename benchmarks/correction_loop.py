@@ -10,7 +10,7 @@ model did not forget its first hospital.
 
     python benchmarks/correction_loop.py [--init-from models/default.pt] [--held-out-cases 16,28]
         [--coarse-epochs 10 --coarse-lr 0.001 --refiner-epochs 2] [--busi-limit N] [--engine auto]
-        [--pool-busi --pool-weight 10 --folds-to-run 0] [--replay-busi N]
+        [--pool-busi --pool-weight 10 --folds-to-run 0] [--replay-busi N] [--replay-normal N]
         [--blend-guard init|none --blend-max-dice-drop 0.01 --blend-max-fp-rise 0.1]
 
 Everything is written under a temporary folder (``--work-dir`` to keep it).
@@ -42,6 +42,29 @@ def _union_mask(sample, work: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.where(load_mask(sample), 255, 0).astype(np.uint8)).save(path)
     return path
+
+
+def _empty_mask(sample, work: Path) -> Path:
+    """An all-background mask of the sample's image size: what "no lesion here" saves."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(sample.image_path) as image:
+        width, height = image.size
+    path = work / "empty-masks" / f"{sample.id.replace(' ', '_').replace('/', '_')}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((height, width), np.uint8)).save(path)
+    return path
+
+
+def _replay_pool(busi: list, split, init_from: Path) -> list:
+    """BUSI images the starting model trained on: its final coarse fold's training part."""
+    from training.checkpoints import load_bundle
+
+    final = (load_bundle(init_from).get("metrics") or {}).get("final_fold") or {}
+    fold = int(final.get("fold", 0))
+    train = set(split.train_ids(fold))
+    return sorted((s for s in busi if s.id in train), key=lambda s: s.id)
 
 
 def _evaluate(bundle_path: Path, samples: list, engine: str, cache_dir: Path) -> dict:
@@ -81,6 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
         default=0,
         help="Also save N BUSI images of the split's training part (never its test part) as "
         "corrections: replay of the first hospital against forgetting.",
+    )
+    parser.add_argument(
+        "--replay-normal",
+        type=int,
+        default=0,
+        help="Also save N lesion-free BUSI images of the split's training part as corrections with "
+        "an empty mask ('no lesion here'): the new site's masks are all lesions, and a model tuned "
+        "on them alone learns to fire everywhere.",
     )
     parser.add_argument(
         "--pool-busi",
@@ -139,17 +170,23 @@ def main(argv: list[str] | None = None) -> dict:
     client = TestClient(create_app(settings))
     busi = list_samples("busi", args.busi_root)
     split = Split.load(args.split_file)
+    # Replayed BUSI images come from the training part of the starting model's final fold: never
+    # its test split, and never the validation images that guard the blend (training.weight_blend).
+    replay_pool = _replay_pool(busi, split, args.init_from)
     replay = []
     if args.replay_busi:
-        trainval = set(split.trainval_ids)
-        lesion_first = sorted(
-            (s for s in busi if s.id in trainval), key=lambda s: (s.label == "normal", s.id)
-        )
+        lesion_first = sorted(replay_pool, key=lambda s: (s.label == "normal", s.id))
         step = max(1, len(lesion_first) // args.replay_busi)
         replay = [s for s in lesion_first[::step] if s.mask_paths][: args.replay_busi]
+    normals = []
+    if args.replay_normal:
+        pool = [s for s in replay_pool if s.label == "normal"]
+        step = max(1, len(pool) // args.replay_normal)
+        normals = pool[::step][: args.replay_normal]
     started = time.monotonic()
-    for sample in [*to_save, *replay]:
-        mask_path = _union_mask(sample, work)
+    to_post = [(s, _union_mask) for s in [*to_save, *replay]] + [(s, _empty_mask) for s in normals]
+    for sample, mask_of in to_post:
+        mask_path = mask_of(sample, work)
         response = client.post(
             "/api/corrections",
             files={
@@ -224,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "init_from": str(args.init_from),
         "saved_images": [s.id for s in to_save],
         "replayed_busi_images": len(replay),
+        "replayed_normal_images": len(normals),
         "held_out_images": [s.id for s in held_out],
         "run": {
             "phases": phases,

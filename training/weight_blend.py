@@ -118,6 +118,19 @@ def guard_samples(cfg: TrainingConfig, starting: dict, exclude: set[str]) -> tup
     return chosen, None
 
 
+def without_run_images(guard: list, run_samples: list, cfg: TrainingConfig) -> tuple[list, int]:
+    """``guard`` minus the images that this run's data holds too, under another id or re-saved
+    (exact or near duplicates by the split's rule, ``data.dedup_threshold``): a BUSI validation
+    image saved as a correction would otherwise guard the run that trained on it."""
+    from training.data.splits import duplicates_of
+
+    flags = duplicates_of(guard, run_samples, cfg.data.dedup_threshold)
+    kept = [sample for sample, duplicate in zip(guard, flags, strict=True) if not duplicate]
+    if len(kept) < len(guard):
+        log.info("blend guard: %d image(s) left out, this run's data holds them too", len(guard) - len(kept))
+    return kept, len(guard) - len(kept)
+
+
 def _summary(report: dict) -> dict:
     normal = report.get("normal") or {}
     return {
@@ -161,6 +174,13 @@ def choose_blend(ctx, starting: dict, tuned: dict, exclude: set[str]) -> tuple[d
             "reason": "the run kept the starting weights",
         }
     samples, reason = guard_samples(ctx.cfg, starting, exclude)
+    if reason is None:
+        # The images this run trains or tests on (``exclude``), compared by content.
+        run_images = [ctx.store.samples[i] for i in sorted(exclude) if i in ctx.store.samples]
+        samples, dropped = without_run_images(samples, run_images, ctx.cfg)
+        report["guard_duplicates_dropped"] = dropped
+        if not any(sample.mask_paths for sample in samples):
+            reason = "every lesion image among the starting model's validation images is in this run's data"
     if reason is not None:
         ctx.warn(f"fine-tuned weights kept unblended: {reason}", PHASE)
         return tuned, {**report, "status": "skipped", "alpha": 1.0, "reason": reason}

@@ -8,7 +8,14 @@ from PIL import Image
 
 from training.config import SHARED_DATA_ROOT, TrainingConfig
 from training.data.datasets import Sample, list_samples
-from training.data.splits import Split, find_duplicates, group_duplicates, make_split, split_for
+from training.data.splits import (
+    Split,
+    duplicates_of,
+    find_duplicates,
+    group_duplicates,
+    make_split,
+    split_for,
+)
 
 BUSI_ROOT = SHARED_DATA_ROOT / "BUSI"
 
@@ -51,6 +58,20 @@ def test_grouping_exact_near_and_patient(tmp_path):
     assert report.exact_pairs == [(0, index["copy"])]
     assert len(set(groups)) == len(samples) - 3
     assert group_duplicates(samples, 6) == groups
+
+
+def test_duplicates_of_finds_copies_across_lists_and_ignores_patients(tmp_path):
+    samples = _synthetic(tmp_path)
+    by_id = {s.id: s for s in samples}
+    # "copy" and "noisy" are a re-saved and a noisy copy of img000 and img001; img002 and img003
+    # share a patient, which across two lists (two datasets) means nothing.
+    guard = [by_id[i] for i in ("img000", "img001", "img002", "img004", "img005")]
+    run = [by_id[i] for i in ("copy", "noisy", "img003", "img010")]
+    assert duplicates_of(guard, run, threshold=6) == [True, True, False, False, False]
+    # The largest threshold calls any two images duplicates.
+    assert duplicates_of(guard, run, threshold=64) == [True] * 5
+    assert duplicates_of(guard, [], threshold=6) == [False] * 5
+    assert duplicates_of([], run, threshold=6) == []
 
 
 def _check_split(split: Split, samples: list[Sample], groups: list[int], test_fraction: float, folds: int):

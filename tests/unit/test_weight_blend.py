@@ -77,6 +77,8 @@ def test_a_fine_tuning_run_keeps_the_largest_blend_within_the_guard(
     )
     report = json.loads((tmp_path / "tuned" / "blend.json").read_text())
     assert report["status"] == "chosen" and report["guard_images"] > 0
+    # The run's split is the starting model's: none of its images is a guard image's copy.
+    assert report["guard_duplicates_dropped"] == 0
     tried = [row["alpha"] for row in report["candidates"]]
     assert tried == [1.0, 0.5, 0.25][: len(tried)]
     passing = [row["alpha"] for row in report["candidates"] if row["within_guard"]]
@@ -114,6 +116,29 @@ def test_a_loose_guard_keeps_the_fine_tuned_weights(
     shipped, unblended = load_bundle(summary["bundle_path"]), assemble_bundle(tmp_path / "tuned")
     for name, tensor in unblended["coarse_state_dict"].items():
         assert torch.equal(shipped["coarse_state_dict"][name], tensor), name
+
+
+def test_guard_images_that_the_run_holds_under_another_name_are_left_out(
+    tmp_path, tiny_training_config, first_run, fast_refiner_encoder, synthetic_busi_root
+):
+    from training.data.datasets import list_samples
+    from training.weight_blend import guard_samples, without_run_images
+
+    cfg = tiny_training_config(output_dir=tmp_path / "tuned", init_from=first_run["bundle_path"])
+    guard, reason = guard_samples(cfg, load_bundle(first_run["bundle_path"]), set())
+    assert reason is None and len(guard) >= 2
+    # Two guard images saved again under other names (as corrections would be), and one
+    # image that the guard does not hold.
+    copies = tmp_path / "copies"
+    shutil.copytree(synthetic_busi_root, copies)
+    others = {s.id: s for s in list_samples("busi", copies)}
+    run = [others[guard[0].id], others[guard[1].id]]
+    outsider = next(s for i, s in others.items() if i not in {g.id for g in guard})
+    for sample in run:
+        sample.id = f"corrections:{sample.id}"
+    kept, dropped = without_run_images(guard, [*run, outsider], cfg)
+    assert dropped >= 2 and guard[0] not in kept and guard[1] not in kept
+    assert all(sample in guard for sample in kept)
 
 
 def test_without_the_starting_models_images_the_weights_stay_unblended(

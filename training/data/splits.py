@@ -171,6 +171,26 @@ def find_duplicates(
     return DuplicateReport(groups, exact_pairs, near_pairs, patient_links)
 
 
+def duplicates_of(samples: Sequence[Sample], references: Sequence[Sample], threshold: int) -> list[bool]:
+    """For each of ``samples``, whether its image is an exact or near duplicate (the rule of
+    :func:`find_duplicates`) of any image in ``references`` — e.g. the same frame saved as a
+    correction under another id. Patients are not linked: the two lists may come from different
+    datasets, whose group names mean different things."""
+    if not samples or not references:
+        return [False] * len(samples)
+    mine, theirs = hash_samples(samples), hash_samples(references)
+    contents = {h.content for h in theirs}
+    phash = np.array([h.phash for h in theirs], dtype=np.uint64)
+    dhash = np.array([h.dhash for h in theirs], dtype=np.uint64)
+    flags = []
+    for item in mine:
+        distance = np.bitwise_count(phash ^ np.uint64(item.phash)).astype(np.int16) + np.bitwise_count(
+            dhash ^ np.uint64(item.dhash)
+        ).astype(np.int16)
+        flags.append(item.content in contents or bool((distance <= 2 * threshold).any()))
+    return flags
+
+
 def group_duplicates(samples: Sequence[Sample], threshold: int) -> list[int]:
     """Group id per sample (near duplicates, exact duplicates and patients share a group)."""
     return find_duplicates(samples, threshold).groups
