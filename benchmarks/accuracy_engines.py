@@ -40,14 +40,10 @@ from backend.app.engines import ENGINE_NAMES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
+from training.evaluate import truth_box
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.losses import dice_score
-
-
-def box_of(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
 def _has_lesion(sample) -> bool:
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.perf_counter()
             embedding = predictor.embed(image)
             encoder_ms.append((time.perf_counter() - started) * 1000.0)
-            box = box_of(truth) if args.prompt == "box" else None
+            box = truth_box(truth) if args.prompt == "box" else None
             prediction = predictor.predict(image, embedding=embedding, box=box)
             mask = prediction.refined_mask()
             masks[engine].append(mask)

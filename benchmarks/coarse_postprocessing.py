@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -39,10 +38,10 @@ from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
+from training.evaluate import image_record, summarize
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.lesion_filter import EMPTY_LOGIT_MARGIN, drop_tiny_masks_from_logits
-from training.modeling.losses import dice_score
 
 
 class FlipAveraged(nn.Module):
@@ -164,46 +163,44 @@ def main(argv: list[str] | None = None) -> dict:
     served_fraction = predictor.refiner.cfg.min_lesion_fraction
     predictor.refiner.cfg = predictor.refiner.cfg.model_copy(update={"min_lesion_fraction": 0.0})
     variants = {name: VARIANTS[name](served_coarse) for name in dict.fromkeys(["base", *chosen])}
-    scores = {name: {"coarse": [], "refined": [], "fp_coarse": [], "fp_refined": []} for name in variants}
+    records: dict[str, list[dict]] = {name: [] for name in variants}
 
     started = time.perf_counter()
     for sample in samples:
         image = load_image(sample.image_path)
-        truth = load_mask(sample) if sample.label != "normal" else None
+        truth = load_mask(sample)  # all background for a normal image
         embedding = None
         for name, coarse in variants.items():
             predictor.coarse = coarse
             prediction = predictor.predict(image, embedding=embedding)
             embedding = embedding if prediction.embedding is None else prediction.embedding
-            entry = scores[name]
-            if truth is None:
-                entry["fp_coarse"].append(float(prediction.coarse_mask().any()))
-                entry["fp_refined"].append(float(prediction.refined_mask().any()))
-            else:
-                entry["coarse"].append(dice_score(prediction.coarse_mask(), truth))
-                entry["refined"].append(dice_score(prediction.refined_mask(), truth))
+            probs = prediction.coarse_probs, prediction.refined_probs
+            records[name].append(image_record(sample.id, sample.label, truth, *probs))
     predictor.coarse = served_coarse
+    # The evaluation protocol's figures (training.evaluate), rounded for the report.
+    summaries = {name: summarize(entries) for name, entries in records.items()}
 
-    def mean(values: list[float]) -> float | None:
-        return round(statistics.fmean(values), 4) if values else None
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 4)
 
+    base = summaries["base"]
     report = {
         "machine": describe(),
         "model_version": predictor.model_version,
         "engine": args.engine,
         "served_min_lesion_fraction": served_fraction,
         "fold": args.fold,
-        "n_lesion_images": len(scores["base"]["coarse"]),
-        "n_normal_images": len(scores["base"]["fp_coarse"]),
+        "n_lesion_images": base["n_images"],
+        "n_normal_images": base["normal"]["n_images"],
         "elapsed_s": round(time.perf_counter() - started, 1),
         "variants": {
             name: {
-                "dice_coarse": mean(entry["coarse"]),
-                "dice_refined": mean(entry["refined"]),
-                "normal_fp_rate_coarse": mean(entry["fp_coarse"]),
-                "normal_fp_rate_refined": mean(entry["fp_refined"]),
+                "dice_coarse": rounded(summary["dice_coarse"]),
+                "dice_refined": rounded(summary["dice_refined"]),
+                "normal_fp_rate_coarse": rounded(summary["normal"].get("fp_rate_coarse")),
+                "normal_fp_rate_refined": rounded(summary["normal"].get("fp_rate_refined")),
             }
-            for name, entry in scores.items()
+            for name, summary in summaries.items()
         },
     }
     json.dump(report, sys.stdout, indent=2)

@@ -68,19 +68,37 @@ def _replay_pool(busi: list, split, init_from: Path) -> list:
 
 
 def _evaluate(bundle_path: Path, samples: list, engine: str, cache_dir: Path) -> dict:
+    """The evaluation protocol with the derived prompts, and the refined Dice of the lesion
+    images when the prompt is instead the box around the true lesion (a clinician's box)."""
     from backend.app.engines import accelerate_predictor
-    from training.evaluate import evaluate
+    from training.data.datasets import load_image, load_mask
+    from training.evaluate import image_record, summarize, truth_box
     from training.inference import Predictor
 
     predictor = Predictor.from_bundle(bundle_path)
     if engine != "torch":
         accelerate_predictor(predictor, engine, cache_dir)
-    report = evaluate(predictor, samples, phase=None)
+    derived, boxed = [], []
+    for sample in samples:
+        image, truth = load_image(sample.image_path), load_mask(sample)
+        embedding = predictor.embed(image)
+        pred = predictor.predict(image, embedding=embedding)
+        derived.append(image_record(sample.id, sample.label, truth, pred.coarse_probs, pred.refined_probs))
+        if truth.any():
+            pred = predictor.predict(image, embedding=embedding, box=truth_box(truth))
+            boxed.append(image_record(sample.id, sample.label, truth, pred.coarse_probs, pred.refined_probs))
+    report = summarize(derived)
     result = {key: report.get(key) for key in ("n_images", "dice_coarse", "dice_refined", "delta")}
+    result["dice_refined_with_box"] = summarize(boxed)["dice_refined"] if boxed else None
     normal = report.get("normal") or {}
     if normal.get("n_images"):
         result["normal_images"] = normal["n_images"]
         result["normal_fp_rate_refined"] = normal.get("fp_rate_refined")
+    if len(samples) <= 12:  # a handful of images: each one's figures
+        result["per_image"] = {
+            record["id"]: {k: round(v, 4) for k, v in record.items() if k.startswith("dice_")}
+            for record in report["per_image"]
+        }
     return result
 
 

@@ -80,6 +80,15 @@ def image_record(
     return record
 
 
+def truth_box(mask: np.ndarray) -> list[float]:
+    """The tight box ``[x0, y0, x1, y1]`` (pixels, exclusive end) of a non-empty mask: the box a
+    clinician would draw around the lesion, as the refiner's prompt."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        raise ValueError("an empty mask has no box")
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
