@@ -120,16 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--replay-busi",
         type=int,
         default=0,
-        help="Also save N BUSI images of the split's training part (never its test part) as "
-        "corrections: replay of the first hospital against forgetting.",
+        help="Also save N BUSI images that the starting model trained on (its final fold's training "
+        "part: never the test split, never the blend's guard) as corrections: replay of the first "
+        "hospital against forgetting.",
     )
     parser.add_argument(
         "--replay-normal",
         type=int,
         default=0,
-        help="Also save N lesion-free BUSI images of the split's training part as corrections with "
-        "an empty mask ('no lesion here'): the new site's masks are all lesions, and a model tuned "
-        "on them alone learns to fire everywhere.",
+        help="Also save N lesion-free BUSI images (drawn like --replay-busi) as corrections with an "
+        "empty mask ('no lesion here'): the new site's masks are all lesions, and a model tuned on "
+        "them alone learns to fire everywhere.",
     )
     parser.add_argument(
         "--pool-busi",

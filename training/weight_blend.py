@@ -9,8 +9,9 @@ selected on but never trained on — and keeps the first α whose refined lesion
 most ``blend_max_dice_drop`` and whose normal-image false-positive rate rises by at most
 ``blend_max_fp_rise`` against the starting model; α = 0 (the starting model) when none does.
 
-Guard images that this run trained on or holds out as its test split are left out, so the
-choice never sees the run's test images. Without the guard images (the starting model's data is
+Guard images that this run trained on or holds out as its test split are left out — by id, and
+by content (the same image saved again under another id, e.g. as a correction) — so the choice
+never sees the run's own images. Without the guard images (the starting model's data is
 not on this machine) the fine-tuned weights are kept unblended and the report says why.
 """
 
@@ -208,10 +209,11 @@ def choose_blend(ctx, starting: dict, tuned: dict, exclude: set[str]) -> tuple[d
         log.info("blend α=%.2f on %d guard images: %s", alpha, len(samples), format_report(result))
         return _summary(result)
 
-    start_summary = score(starting, 0.0)
-    rows = []
-    # α = 0: the starting weights, with this run's config and metrics.
+    # α = 0: the starting weights, with this run's config and metrics — what the run ships when
+    # no α is within the guard, and so the baseline every candidate is compared with.
     chosen_alpha, chosen = 0.0, blend_bundle(starting, tuned, 0.0)
+    start_summary = score(chosen, 0.0)
+    rows = []
     for alpha in settings.blend_alphas:
         bundle = blend_bundle(starting, tuned, alpha)
         summary = score(bundle, alpha)
