@@ -60,9 +60,13 @@ EVALUATION = "evaluation"
 def load_run_samples(cfg: TrainingConfig):
     """The dataset's samples, limited to ``data.limit`` (round-robin over labels), followed by
     those of the pooled dataset when there is one (limited the same way, on their own)."""
+    return load_data_samples(cfg.data)
+
+
+def load_data_samples(data):
+    """:func:`load_run_samples` of a ``DataConfig`` (e.g. a starting bundle's)."""
     from training.data.datasets import list_pool_samples, list_samples
 
-    data = cfg.data
     samples = limit_samples(list_samples(data.dataset, data.root), data.limit)
     if data.pooled:
         samples += limit_samples(list_pool_samples(data.pool_dataset, data.pool_root), data.limit)

@@ -71,40 +71,56 @@ def _data_root(root: Path) -> Path:
     return REPO_ROOT / root
 
 
-def guard_samples(cfg: TrainingConfig, starting: dict, exclude: set[str]) -> tuple[list, str | None]:
-    """The starting model's validation images minus ``exclude`` (ids), or ``([], reason)``."""
-    from training.checkpoints import bundle_config
-    from training.data.datasets import list_samples
-    from training.data.splits import Split, seeded_split
+def _start_samples(data) -> list:
+    """The starting model's images, listed as its run listed them, with relative roots resolved
+    against the repository."""
+    from training.pipeline import load_data_samples
 
-    final = (starting.get("metrics") or {}).get("final_fold") or {}
-    if "fold" not in final:
-        return [], "the starting bundle does not record its final coarse fold"
-    start_cfg = bundle_config(starting)
-    data = start_cfg.data
+    update = {"root": _data_root(data.root)}
     if data.pooled:
-        return [], "the starting model was trained on pooled datasets (not supported as a guard yet)"
-    root = _data_root(data.root)
-    try:
-        samples = list_samples(data.dataset, root)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        return [], f"the starting model's {data.dataset} data is not readable ({type(error).__name__})"
-    if data.limit:
-        samples = samples[: data.limit]
-    split = None
-    candidates = [data.split_file] if data.split_file else []
+        update["pool_root"] = _data_root(data.pool_root)
+    return load_data_samples(data.model_copy(update=update))
+
+
+def _start_split(cfg: TrainingConfig, data, samples: list):
+    """The split the starting model was trained with, when it can be found, else ``None``.
+
+    A pooled split is taken only from a file (its second dataset, saved corrections, may have
+    changed since, so it cannot be rebuilt); its validation images that are gone are skipped."""
+    from training.data.splits import Split
+
+    candidates = [data.split_file] if data.split_file and not data.pooled else []
     if cfg.init_from is not None:  # scripts/ship_model.py writes the split beside the bundle
         init = Path(cfg.init_from)
         candidates.append(init.with_name(f"{init.stem}_split.json"))
         candidates.append(init.with_name("split.json"))  # a run directory's bundle.pt
     for path in candidates:
         path = _data_root(path)
-        if path.is_file():
-            loaded = Split.load(path)
-            if loaded.matches(samples, data.dataset):
-                split = loaded
-                break
+        if not path.is_file():
+            continue
+        loaded = Split.load(path)
+        if loaded.dataset == data.name if data.pooled else loaded.matches(samples, data.dataset):
+            return loaded
+    return None
+
+
+def guard_samples(cfg: TrainingConfig, starting: dict, exclude: set[str]) -> tuple[list, str | None]:
+    """The starting model's validation images minus ``exclude`` (ids), or ``([], reason)``."""
+    from training.checkpoints import bundle_config
+    from training.data.splits import seeded_split
+
+    final = (starting.get("metrics") or {}).get("final_fold") or {}
+    if "fold" not in final:
+        return [], "the starting bundle does not record its final coarse fold"
+    data = bundle_config(starting).data
+    try:
+        samples = _start_samples(data)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        return [], f"the starting model's {data.name} data is not readable ({type(error).__name__})"
+    split = _start_split(cfg, data, samples)
     if split is None:
+        if data.pooled:
+            return [], "the starting model's pooled split is not beside it (split.json)"
         split = seeded_split(samples, data)
     fold = int(final["fold"])
     if fold >= len(split.folds):

@@ -162,3 +162,43 @@ def test_pool_weight_repeats_only_the_pooled_training_images(
     assert pooled and public
     assert sorted(four) == sorted(public + pooled * 4)
     assert set(contexts[4].split.val_ids(0)) == set(contexts[1].split.val_ids(0))  # validation: once
+
+
+def test_a_model_trained_pooled_is_guarded_by_its_pooled_validation_images(
+    tmp_path, tiny_training_config, corrections_root, synthetic_busi_root, fast_refiner_encoder
+):
+    from training.checkpoints import load_bundle
+    from training.weight_blend import guard_samples
+
+    first = tiny_training_config(
+        output_dir=tmp_path / "first",
+        phases=["coarse"],
+        data={
+            "root": synthetic_busi_root,
+            "folds": 2,
+            "pool_dataset": "corrections",
+            "pool_root": corrections_root,
+        },
+    )
+    start_path = run_training(first)["bundle_path"]
+    starting = load_bundle(start_path)
+    fold = starting["metrics"]["final_fold"]["fold"]
+    split = Split.load(tmp_path / "first" / "split.json")
+    # A later fine-tuning run from that model, on the corrections alone.
+    cfg = tiny_training_config(
+        output_dir=tmp_path / "tuned",
+        init_from=start_path,
+        data={"dataset": "corrections", "root": corrections_root, "folds": 2},
+    )
+    guard, reason = guard_samples(cfg, starting, set())
+    assert reason is None
+    assert sorted(s.id for s in guard) == sorted(split.val_ids(fold))
+    assert any(s.id.startswith("corrections:") for s in guard) and any(":" not in s.id for s in guard)
+    # Ids this run trains on are left out.
+    dropped = {next(s.id for s in guard if s.id.startswith("corrections:"))}
+    again, _ = guard_samples(cfg, starting, dropped)
+    assert {s.id for s in again} == {s.id for s in guard} - dropped
+    # Without the pooled split beside the bundle, no guard is made up: a reason instead.
+    (tmp_path / "first" / "split.json").unlink()
+    guard, reason = guard_samples(cfg, starting, set())
+    assert guard == [] and "pooled split" in reason
