@@ -44,9 +44,10 @@ MAX_SIDE = 4096
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a misspelt hyper-parameter must never be silently ignored."""
+    """Unknown keys are errors: a misspelt hyper-parameter must never be silently ignored; NaN
+    and ±infinity are refused too (no hyper-parameter means them, and JSON cannot store them)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TransUNetConfig(_Strict):
@@ -389,7 +390,11 @@ class TrainingConfig(BaseSettings):
     """Everything one training run needs. Stored verbatim in every checkpoint and bundle."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ULTRAREFINER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+        env_prefix="ULTRAREFINER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
     @classmethod

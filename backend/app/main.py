@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -219,7 +219,10 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     )
     _log_rejected(request, 422, "invalid " + ", ".join(fields[:8]))
     if not request.url.path.startswith("/segment"):
-        return await request_validation_exception_handler(request, exc)
+        # FastAPI's format (loc, msg, type, ctx) without the value that was sent ("input"): an
+        # error names the field, never echoes what it held.
+        errors = [{key: value for key, value in error.items() if key != "input"} for error in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("query", "body"))

@@ -72,6 +72,7 @@ class RunCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "x-transunet-presets": _named_architectures(),
             "examples": [

@@ -72,12 +72,31 @@ def _one(parts, name: str) -> bytes:
 def _prompts(raw: str | None) -> dict:
     if raw is None or not raw.strip():
         return {}
+
+    def no_constant(name: str):  # NaN, Infinity: Python reads them, JSON (and PostgreSQL) does not
+        raise ValueError(name)
+
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=no_constant)
     except (ValueError, RecursionError):
         raise SegmentError(400, "prompts is not valid JSON") from None
     if not isinstance(value, dict) or len(raw) > 16_384:
         raise SegmentError(422, "prompts must be a JSON object of at most 16 KiB")
+    return value
+
+
+#: Longest ``model_version`` stored (the column's size).
+MAX_MODEL_VERSION = 255
+
+
+def _model_version(raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if len(value) > MAX_MODEL_VERSION or not value.isprintable():
+        raise SegmentError(
+            422, f"model_version must be printable text of at most {MAX_MODEL_VERSION} characters"
+        )
     return value
 
 
@@ -111,7 +130,7 @@ async def save_correction(_: AdminDep, request: Request, settings: SettingsDep, 
         if mask_source not in store.MASK_SOURCES:
             raise SegmentError(422, f"mask_source must be one of: {', '.join(store.MASK_SOURCES)}")
         replace = (form_field(parts, "replace") or "").strip().lower() in ("1", "true", "yes")
-        model_version = form_field(parts, "model_version")
+        model_version = _model_version(form_field(parts, "model_version"))
         prompts = _prompts(form_field(parts, "prompts"))
         decoded = await run_in_threadpool(
             partial(decode_upload, image_bytes, frame=frame, max_pixels=settings.max_image_pixels)
