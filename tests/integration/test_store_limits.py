@@ -72,6 +72,7 @@ def _save(client: TestClient, seed: int, **form) -> object:
         ({"prompts": '{"box": [NaN, 1, 2, 3]}'}, 400, "prompts"),
         ({"prompts": '{"scale": Infinity}'}, 400, "prompts"),
         ({"prompts": '{"scale": -Infinity}'}, 400, "prompts"),
+        ({"prompts": '{"scale": 1e400}'}, 400, "prompts"),  # read as infinity
     ],
 )
 def test_correction_fields_no_store_can_hold_are_refused(client, form, status, field):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from functools import partial
 from typing import Annotated
 
@@ -76,8 +77,14 @@ def _prompts(raw: str | None) -> dict:
     def no_constant(name: str):  # NaN, Infinity: Python reads them, JSON (and PostgreSQL) does not
         raise ValueError(name)
 
+    def finite(text: str) -> float:  # 1e400 would be read as infinity
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(text)
+        return number
+
     try:
-        value = json.loads(raw, parse_constant=no_constant)
+        value = json.loads(raw, parse_constant=no_constant, parse_float=finite)
     except (ValueError, RecursionError):
         raise SegmentError(400, "prompts is not valid JSON") from None
     if not isinstance(value, dict) or len(raw) > 16_384:
