@@ -11,7 +11,7 @@ defaults of :class:`TrainingConfig`, e.g. ``ULTRAREFINER_DATA__ROOT=/data/BUSI``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,11 +55,15 @@ class TransUNetConfig(_Strict):
 
     name: ConfigName = Field("compact", description="Named size: 'full' (paper) or 'compact' (CPU).")
     img_size: int = Field(224, ge=32, le=MAX_SIDE, description="Square input side in pixels.")
-    in_channels: int = Field(1, description="Input channels (grayscale; replicated to 3 for the stem).")
-    num_classes: int = Field(2, description="Output classes (background, lesion).")
+    in_channels: int = Field(
+        1, ge=1, le=3, description="Input channels (grayscale; replicated to 3 for the stem)."
+    )
+    num_classes: int = Field(2, ge=2, le=16, description="Output classes (background, lesion).")
     resnet_units: tuple[int, int, int] = Field((3, 4, 9), description="Bottleneck units per R50 stage.")
     resnet_width: int = Field(64, ge=8, le=1024, description="Stem width of the ResNet (64 in R50).")
-    patch_size: int = Field(1, description="ViT patch size on the 1/16 feature map (1 = 16×16 pixels).")
+    patch_size: int = Field(
+        1, ge=1, le=16, description="ViT patch size on the 1/16 feature map (1 = 16×16 pixels)."
+    )
     hidden_size: int = Field(768, ge=16, le=8192, description="ViT embedding width.")
     num_layers: int = Field(12, ge=1, le=96, description="ViT transformer blocks.")
     num_heads: int = Field(12, ge=1, le=128, description="ViT attention heads.")
@@ -156,7 +160,9 @@ class DataConfig(_Strict):
     root: Path = Field(SHARED_DATA_ROOT / "BUSI", description="Dataset root (a user's own copy is fine).")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="Stratified held-out test fraction.")
     folds: int = Field(5, ge=2, le=20, description="K folds of cross-validation on the training split.")
-    seed: int = Field(42, description="Seed of the split and of every random choice in training.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed of the split and of every random choice in training."
+    )
     split_file: Path | None = Field(
         None, description="Split JSON (default: <output_dir>/split.json; pooled: the first dataset's split)."
     )
@@ -266,7 +272,9 @@ class CoarseTrainConfig(_Strict):
         (0.5, 1.0), description="Down-sampling factor range of the low-resolution simulation (min, max)."
     )
     pretrained_npz: Path | None = Field(None, description="Optional ImageNet-21k R50+ViT-B_16.npz.")
-    folds_to_run: list[int] | None = Field(None, description="Subset of folds to train (default all).")
+    folds_to_run: list[Annotated[int, Field(ge=0, le=19)]] | None = Field(
+        None, description="Subset of folds to train (default all)."
+    )
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> CoarseTrainConfig:

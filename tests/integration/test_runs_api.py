@@ -251,6 +251,10 @@ def test_section_epochs_win_over_the_shortcut(client):
         ({"learning_rate": 0.1}, ["body", "learning_rate"]),
         ({"coarse": {"lr": -1}}, ["body", "coarse", "lr"]),
         ({"coarse": {"lrr": 0.1}}, ["body", "coarse", "lrr"]),
+        ({"data": {"seed": -1}}, ["body", "data", "seed"]),  # numpy refuses it in the worker
+        ({"data": {"seed": 2**32}}, ["body", "data", "seed"]),
+        ({"coarse": {"folds_to_run": [-1]}}, ["body", "coarse", "folds_to_run", 0]),
+        ({"transunet": {"in_channels": 0}}, ["body", "transunet", "in_channels"]),
         ({"refiner": {"backbone": "vit_h"}}, ["body", "refiner", "backbone"]),
         ({"augment": {"temperature_min": 9, "temperature_max": 2}}, ["body", "augment"]),
         ({"output_dir": "/etc"}, ["body", "output_dir"]),
