@@ -3,8 +3,8 @@
 Schemathesis reads the app's OpenAPI schema and sends a bounded number of positive and negative
 examples (random multipart bodies, query values, missing parts) to ``/segment``,
 ``/segment/batch``, ``/health`` and ``/ready``, and (signed in) to every admin route, ids and
-offsets of any size included. The untrained bundle is served; random bytes never reach the
-model, so the run is fast.
+offsets of any size included, on an SQLite and on a real PostgreSQL store. The untrained bundle
+is served; random bytes never reach the model, so the run is fast.
 """
 
 from __future__ import annotations
@@ -29,20 +29,23 @@ ADMIN_OPERATIONS = [
     "GET /api/models",
     "POST /api/models/{version_id}/activate",
     "POST /api/runs",
+    "GET /api/corrections",
+    "GET /api/corrections/{correction_id}",
+    "GET /api/corrections/{correction_id}/{part}.png",
+    "DELETE /api/corrections/{correction_id}",
+    "POST /api/corrections",
 ]
 
 
-@pytest.fixture(scope="module")
-def served_app(tmp_path_factory):
+def _app(root, database_url: str):
     from training.checkpoints import build_untrained_bundle, save_bundle
 
-    root = tmp_path_factory.mktemp("fuzz")
     bundle = root / "untrained.pt"
     save_bundle(bundle, build_untrained_bundle())
     app = create_app(
         Settings(
             model_path=bundle,
-            database_url=f"sqlite:///{root / 'store.sqlite'}",
+            database_url=database_url,
             max_upload_mb=1.0,
             max_image_pixels=1_000_000,
             embedding_cache_items=4,
@@ -50,6 +53,7 @@ def served_app(tmp_path_factory):
             admin_token=ADMIN_TOKEN,
             runs_dir=root / "runs",
             models_dir=root / "models",
+            corrections_dir=root / "corrections",
             embedded_broker_dir=root / "broker",
             redis_url=None,
         )
@@ -58,13 +62,33 @@ def served_app(tmp_path_factory):
     return app
 
 
-@pytest.fixture(scope="module")
-def operations(served_app):
-    schema = schemathesis.openapi.from_asgi("/openapi.json", served_app)
+def _operations(app) -> dict:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     selected = schema.include(path_regex=r"^/(segment|segment/batch|health|ready|api/.*)$")
     found = [result.ok() for result in selected.get_all_operations()]
-    assert {f"{op.method.upper()} {op.path}" for op in found} >= {"POST /segment", "POST /segment/batch"}
     return {f"{op.method.upper()} {op.path}": op for op in found}
+
+
+@pytest.fixture(scope="module")
+def operations(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    found = _operations(_app(root, f"sqlite:///{root / 'store.sqlite'}"))
+    assert {"POST /segment", "POST /segment/batch"} <= set(found)
+    return found
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def admin_operations(request, tmp_path_factory):
+    """The admin routes on either store: PostgreSQL refuses what SQLite lets through (32-bit ids,
+    NUL characters, NaN in JSON), so each is fuzzed against both."""
+    root = tmp_path_factory.mktemp(f"fuzz-{request.param}")
+    if request.param == "sqlite":
+        url = f"sqlite:///{root / 'store.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    found = _operations(_app(root, url))
+    assert set(ADMIN_OPERATIONS) <= set(found)
+    return found
 
 
 def _check(case, headers: dict | None = None) -> None:
@@ -104,8 +128,8 @@ def test_no_server_errors(operations, label, mode):
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 @pytest.mark.parametrize("label", ADMIN_OPERATIONS)
-def test_no_server_errors_on_admin_routes(operations, label, mode):
-    operation = operations[label]
+def test_no_server_errors_on_admin_routes(admin_operations, label, mode):
+    operation = admin_operations[label]
     auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
     @given(case=operation.as_strategy(generation_mode=mode))

@@ -29,6 +29,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from backend.app.core.settings import Settings, get_settings
+from backend.app.db.models import MAX_ID
 from backend.app.model_holder import ModelHolder
 
 API_KEY_HEADER = "X-API-Key"
@@ -113,14 +114,16 @@ def require_admin(
     check_admin(settings, header)
 
 
-#: The largest id or offset the store can hold (a signed 64-bit integer in SQLite and PostgreSQL);
-#: larger values are a 422 naming the bound, never a database overflow.
-MAX_RECORD_ID = 2**63 - 1
+#: The largest id the store can hold (``db.models.MAX_ID``); larger values are a 422 naming the
+#: bound, never a database overflow.
+MAX_RECORD_ID = MAX_ID
+#: The largest offset: ``OFFSET`` takes a signed 64-bit integer in SQLite and PostgreSQL.
+MAX_OFFSET = 2**63 - 1
 
 RunIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Run id.")]
 ModelIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Model version id.")]
 RecordIdPath = Annotated[int, Path(ge=1, le=MAX_RECORD_ID, description="Record id.")]
-OffsetQuery = Annotated[int, Query(ge=0, le=MAX_RECORD_ID, description="Rows to skip.")]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows to skip.")]
 
 #: OpenAPI answers of every admin route (``APIRouter(responses=ADMIN_RESPONSES)``), and of those
 #: that address one record.

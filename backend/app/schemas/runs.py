@@ -25,6 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
+from backend.app.db.models import MAX_ID
 from training.config import (
     ALL_PHASES,
     MAX_EPOCHS,
@@ -111,7 +112,7 @@ class RunCreate(BaseModel):
     init_model_id: int | None = Field(
         None,
         ge=1,
-        le=2**63 - 1,
+        le=MAX_ID,
         description="Fine-tune: start from this registered model version's weights (see /api/models) "
         "instead of from scratch; the run evaluates it on its test split too, for before/after.",
     )
