@@ -75,6 +75,20 @@ def test_multipage_tiff_frame():
     assert info.value.status_code == 422 and "out of range" in info.value.detail
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_tiff_with_non_finite_pixels_is_a_422(bad):
+    values = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="TIFF")
+    assert decode_image(buffer.getvalue()).pixels.dtype == np.float32  # finite: decoded
+    values[3, 4] = bad
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="TIFF")
+    with pytest.raises(ImageError) as info:
+        decode_image(buffer.getvalue())
+    assert info.value.status_code == 422 and "NaN or infinite" in info.value.detail
+
+
 def test_pixel_hash_depends_on_pixels_only():
     a = decode_image(png_bytes(gradient()))
     b = decode_image(png_bytes(gradient(), optimize=True))

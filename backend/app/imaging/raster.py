@@ -86,7 +86,10 @@ def _pil_to_array(image) -> np.ndarray:
     if mode.startswith("I;16"):
         return np.asarray(image).astype(np.uint16)
     if mode in ("I", "F"):
-        return np.asarray(image).astype(np.float32)
+        values = np.asarray(image).astype(np.float32)
+        if not np.isfinite(values).all():  # a float TIFF can hold NaN or ±infinity; no scan does
+            raise ImageError("the image holds NaN or infinite pixel values")
+        return values
     if mode in ("LA", "La"):
         return np.asarray(image.convert("L"), dtype=np.uint8).copy()
     if mode == "P":
