@@ -80,6 +80,7 @@ def build_dicom_seg(
     else:
         pixel_array = stacked[None]
     omit_empty = bool(pixel_array.any())
+    source = _without_unusable_spacing(source)
 
     try:
         seg = hd.seg.Segmentation(
@@ -137,6 +138,29 @@ _SINGLE_FRAME_CLASSES = frozenset(
     )
 )
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _without_unusable_spacing(source):
+    """``source``, or a copy without the spacing attributes that are not two positive finite
+    numbers (NaN, one value, zero): highdicom copies them into the SEG's pixel measures, where
+    they fail it or the validator. Serving ignores such a spacing too (no area in mm²)."""
+    from backend.app.imaging.dicom import positive_pair
+
+    def unusable(keyword: str) -> bool:
+        if keyword not in source:
+            return False
+        try:
+            return positive_pair(source.get(keyword)) is None
+        except (TypeError, ValueError, OverflowError):  # a value pydicom cannot even convert
+            return True
+
+    bad = [keyword for keyword in ("PixelSpacing", "ImagerPixelSpacing") if unusable(keyword)]
+    if not bad:
+        return source
+    view = copy.deepcopy(source)
+    for keyword in bad:
+        del view[keyword]
+    return view
 
 
 def _single_frame_view(source):

@@ -193,7 +193,19 @@ SEG_SOURCES = {
     "gdcm-US-ALOKA-16.dcm": lambda: _file("gdcm-US-ALOKA-16.dcm"),
     "SC_rgb_2frame.dcm": lambda: _file("SC_rgb_2frame.dcm"),
     "CT_small.dcm": lambda: _file("CT_small.dcm"),
+    # A malformed optional spacing is left out of the SEG (and of serving's mm²), not fatal.
+    "us-spacing-nan": lambda: _with_spacing(["NaN", "0.1"]),
+    "us-spacing-one-value": lambda: _with_spacing(["0.1"]),
+    "us-spacing-zero": lambda: _with_spacing(["0", "0"]),
 }
+
+
+def _with_spacing(value: list[str]) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(bits=16, pixel_spacing=(0.1, 0.1))))
+    ds.PixelSpacing = value
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("segments", ["both", "refined"])

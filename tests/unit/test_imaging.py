@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from imaging_fixtures import (
     BUSI_ROOT,
@@ -230,6 +231,19 @@ def test_truncated_dicom_is_422():
         assert PATIENT_NAME not in info.value.detail
 
 
+def test_a_non_positive_number_of_frames_is_a_422_naming_the_attribute():
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(frames=2)))
+    ds[0x00280008] = DataElement(0x00280008, "IS", "-1")
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    with pytest.raises(ImageError) as info:
+        decode_image(buffer.getvalue())
+    assert info.value.status_code == 422 and "NumberOfFrames" in info.value.detail
+    assert "-1" not in info.value.detail  # the attribute is named, its value is not echoed
+
+
 def test_dicom_frame_too_large_is_413():
     with pytest.raises(ImageError) as info:
         decode_image(make_dicom(rows=100, cols=100), max_pixels=5000)
@@ -241,6 +255,13 @@ def test_pixel_spacing_sources():
     spacing = decode_image(make_dicom(us_regions_cm=(0.02, 0.03))).pixel_spacing_mm
     assert spacing == pytest.approx((0.3, 0.2))  # (row = ΔY, column = ΔX) in mm
     assert decode_image(make_dicom()).pixel_spacing_mm is None
+    # A malformed spacing counts as none (no area in mm²), never as an error.
+    for bad in (["NaN", "0.1"], ["0.1"], ["0", "0"], ["-1", "0.1"]):
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(pixel_spacing=(0.1, 0.1))))
+        ds.PixelSpacing = bad
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=False)
+        assert decode_image(buffer.getvalue()).pixel_spacing_mm is None, bad
 
 
 def test_dicom_without_preamble_hint():

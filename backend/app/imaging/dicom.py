@@ -84,6 +84,8 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
             "the DICOM image attributes are missing or invalid "
             "(Rows, Columns, BitsAllocated, PhotometricInterpretation)"
         ) from None
+    if n_frames < 1:
+        raise ImageError("the DICOM attribute NumberOfFrames is invalid (it must be a positive integer)")
     if rows < 2 or columns < 2:
         raise ImageError(f"the DICOM image is too small: {columns}×{rows} pixels")
     if rows * columns > max_pixels:
@@ -269,7 +271,7 @@ def dicom_pixel_spacing_mm(ds) -> tuple[float, float] | None:
     """(row, column) spacing in mm from PixelSpacing/ImagerPixelSpacing/ultrasound regions."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword)
-        spacing = _positive_pair(value)
+        spacing = positive_pair(value)
         if spacing is not None:
             return spacing
     regions = ds.get("SequenceOfUltrasoundRegions")
@@ -288,7 +290,9 @@ def dicom_pixel_spacing_mm(ds) -> tuple[float, float] | None:
     return None
 
 
-def _positive_pair(value) -> tuple[float, float] | None:
+def positive_pair(value) -> tuple[float, float] | None:
+    """Two positive finite numbers from a spacing attribute's value, else ``None`` (missing,
+    malformed, one value, zero, negative or NaN: treated as no spacing at all)."""
     try:
         if value is None or len(value) < 2:
             return None
