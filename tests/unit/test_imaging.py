@@ -199,6 +199,40 @@ def test_window_and_rescale_are_applied():
     np.testing.assert_allclose(rescaled, plain.astype(np.float32) * 2 - 100)
 
 
+def _with(data: bytes, **attributes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"WindowWidth": "0"},  # the standard wants ≥ 1
+        {"WindowWidth": "NaN"},
+        {"RescaleSlope": "NaN"},
+        {"RescaleSlope": "1e400"},
+        {"RescaleIntercept": "NaN"},
+    ],
+    ids=lambda attributes: ",".join(f"{k}={v}" for k, v in attributes.items()),
+)
+def test_a_lut_outside_the_standard_is_skipped_not_fatal(attributes, caplog):
+    base = make_dicom("MONOCHROME2", bits=16, window=(1000, 400), rescale=(2.0, -100.0))
+    plain = decode_image(make_dicom("MONOCHROME2", bits=16)).pixels.astype(np.float32)
+    with caplog.at_level("INFO", logger="backend.app.imaging.dicom"):
+        decoded = decode_image(_with(base, **attributes))
+    assert decoded.pixels.dtype == np.float32 and np.isfinite(decoded.pixels).all()
+    if "WindowWidth" in attributes:  # the rescale stays, the window goes
+        np.testing.assert_allclose(decoded.pixels, plain * 2 - 100)
+    else:  # the rescale goes; the window (set for rescaled values) still clips
+        assert decoded.pixels.shape == plain.shape
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped and all("NaN" not in m and "1e400" not in m for m in skipped)
+
+
 def test_multiframe_frame_parameter():
     data = make_dicom("MONOCHROME2", frames=3)
     frame0 = decode_image(data).pixels

@@ -5,6 +5,7 @@ down (GDCM only in a child process, see :mod:`.gdcm_isolation`; a Rust decoder's
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from backend.app.imaging.base import (
     sniff_kind,
     to_uint8_rgb,
 )
+
+log = logging.getLogger(__name__)
 
 _SUPPORTED_PHOTOMETRIC = {
     "MONOCHROME1",
@@ -248,13 +251,24 @@ def _apply_gray_luts(array: np.ndarray, ds, index: int, apply_modality_lut, appl
             return array
         return array.astype(np.float32)
     result = array
+    # A LUT that cannot be applied (a WindowWidth below 1, a NaN RescaleSlope: outside the
+    # standard) is skipped with a log line naming it, not the values: the modality LUT is
+    # linear and the VOI window a display choice, so the image stays usable without either.
     if has_modality:
-        result = apply_modality_lut(result, ds)
+        result = _lut_or_skip(result, lambda values: apply_modality_lut(values, ds), "modality LUT")
     if has_voi:
-        result = apply_voi_lut(result, ds, index=0)
-    result = np.asarray(result, dtype=np.float32)
-    if not np.isfinite(result).all():
-        raise ImageError("the DICOM modality/VOI LUT produced non-finite values")
+        result = _lut_or_skip(result, lambda values: apply_voi_lut(values, ds, index=0), "VOI LUT")
+    return np.asarray(result, dtype=np.float32)
+
+
+def _lut_or_skip(values: np.ndarray, apply, name: str) -> np.ndarray:
+    try:
+        result = np.asarray(apply(values), dtype=np.float32)
+    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError):
+        result = None
+    if result is None or result.shape != values.shape or not np.isfinite(result).all():
+        log.info("DICOM %s skipped: its attributes are outside the standard", name)
+        return np.asarray(values, dtype=np.float32)
     return result
 
 
