@@ -263,7 +263,8 @@ def _apply_gray_luts(array: np.ndarray, ds, index: int, apply_modality_lut, appl
 
 def _lut_or_skip(values: np.ndarray, apply, name: str) -> np.ndarray:
     try:
-        result = np.asarray(apply(values), dtype=np.float32)
+        with np.errstate(all="ignore"):  # overflow and NaN are checked below, not warned about
+            result = np.asarray(apply(values), dtype=np.float32)
     except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError):
         result = None
     if result is None or result.shape != values.shape or not np.isfinite(result).all():
