@@ -64,11 +64,11 @@ class RunStatus(enum.StrEnum):
     lost = "lost"
 
 
-#: States a run never leaves by itself (resume re-queues failed/cancelled/lost ones).
 #: The largest id a row can have: ids are ``INTEGER`` columns, 32-bit signed in PostgreSQL
 #: (64-bit in SQLite). The API refuses larger ids with a 422 instead of overflowing the query.
 MAX_ID = 2**31 - 1
 
+#: States a run never leaves by itself (resume re-queues failed/cancelled/lost ones).
 TERMINAL_STATUSES = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled})
 #: States that may be resumed from their last checkpoint.
 RESUMABLE_STATUSES = frozenset({RunStatus.failed, RunStatus.cancelled, RunStatus.lost})
