@@ -52,6 +52,15 @@ def postgres_url() -> Iterator[str]:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path) -> str:
+    """Each test twice: on a fresh SQLite file (in a folder not made yet) and on the session's
+    PostgreSQL database, which refuses what SQLite lets through (32-bit ids, NUL, NaN in JSON)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'nested' / 'store.sqlite'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def redis_db_url() -> Iterator[str]:
     """``redis://…/<n>`` of an empty Redis database claimed for one test and flushed after it."""

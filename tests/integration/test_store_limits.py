@@ -22,14 +22,10 @@ TOKEN = "store-limits-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def client(request, tmp_path) -> TestClient:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
+@pytest.fixture
+def client(database_url, tmp_path) -> TestClient:
     settings = Settings(
-        database_url=url,
+        database_url=database_url,
         admin_token=TOKEN,
         corrections_dir=tmp_path / "corrections",
         runs_dir=tmp_path / "runs",

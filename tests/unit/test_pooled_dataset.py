@@ -38,6 +38,17 @@ def corrections_root(tmp_path):
     return root
 
 
+def _pooled(busi_root, corrections_root, **extra) -> dict:
+    """The data section of a run on the synthetic BUSI root pooled with the saved corrections."""
+    return {
+        "root": busi_root,
+        "folds": 2,
+        "pool_dataset": "corrections",
+        "pool_root": corrections_root,
+        **extra,
+    }
+
+
 def test_pool_fields_go_together_and_name_other_data(synthetic_busi_root, corrections_root):
     with pytest.raises(ValidationError, match="give both or neither"):
         DataConfig(pool_dataset="corrections")
@@ -80,13 +91,7 @@ def test_a_pooled_run_keeps_the_given_split_and_reports_each_dataset(
     split_file = busi_split.save(tmp_path / "busi_split.json")
     cfg = tiny_training_config(
         phases=["coarse"],
-        data={
-            "root": synthetic_busi_root,
-            "folds": 2,
-            "split_file": split_file,
-            "pool_dataset": "corrections",
-            "pool_root": corrections_root,
-        },
+        data=_pooled(synthetic_busi_root, corrections_root, split_file=split_file),
     )
     samples = load_run_samples(cfg)
     assert len(samples) == 10 + 8
@@ -122,12 +127,7 @@ def test_a_pooled_dataset_too_small_to_split_is_a_clear_error(
         meta.unlink()  # two saved pairs cannot fill a test split and two folds
     cfg = tiny_training_config(
         phases=["coarse"],
-        data={
-            "root": synthetic_busi_root,
-            "folds": 2,
-            "pool_dataset": "corrections",
-            "pool_root": corrections_root,
-        },
+        data=_pooled(synthetic_busi_root, corrections_root),
     )
     with pytest.raises(ValueError, match=r"pooled corrections data at .* \(2 images\) cannot be split"):
         run_training(cfg)
@@ -141,12 +141,7 @@ def test_pool_weight_repeats_only_the_pooled_training_images(
     from training.data.splits import split_for
     from training.phases.context import RunContext, SampleStore
 
-    data = {
-        "root": synthetic_busi_root,
-        "folds": 2,
-        "pool_dataset": "corrections",
-        "pool_root": corrections_root,
-    }
+    data = _pooled(synthetic_busi_root, corrections_root)
     contexts = {}
     for weight in (1, 4):
         cfg = tiny_training_config(phases=["coarse"], data={**data, "pool_weight": weight})
@@ -173,12 +168,7 @@ def test_a_model_trained_pooled_is_guarded_by_its_pooled_validation_images(
     first = tiny_training_config(
         output_dir=tmp_path / "first",
         phases=["coarse"],
-        data={
-            "root": synthetic_busi_root,
-            "folds": 2,
-            "pool_dataset": "corrections",
-            "pool_root": corrections_root,
-        },
+        data=_pooled(synthetic_busi_root, corrections_root),
     )
     start_path = run_training(first)["bundle_path"]
     starting = load_bundle(start_path)

@@ -25,22 +25,18 @@ from worker.tasks import execute_run, mark_lost_at_start, readable_error
 TABLES = ("runs", "folds", "epoch_metrics", "evaluations", "model_versions")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request, tmp_path) -> Settings:
+@pytest.fixture
+def store(database_url, tmp_path) -> Settings:
     """Settings whose run store is a fresh SQLite file or the session's PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'nested' / 'store.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
     settings = Settings(
-        database_url=url,
+        database_url=database_url,
         runs_dir=tmp_path / "runs",
         models_dir=tmp_path / "models",
         cache_dir=tmp_path / "cache",
     )
     init_db(settings)
-    if request.param == "postgresql":
-        with get_engine(url).begin() as connection:
+    if database_url.startswith("postgresql"):
+        with get_engine(database_url).begin() as connection:
             connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
     return settings
 
