@@ -73,9 +73,16 @@ def hash_samples(samples: Sequence[Sample]) -> list[ImageHashes]:
     return [hash_image(load_image(sample.image_path)) for sample in samples]
 
 
-def _hamming_matrix(values: Sequence[int]) -> np.ndarray:
+def _hamming_matrix(values: Sequence[int], others: Sequence[int] | None = None) -> np.ndarray:
+    """Bit distances between 64-bit hashes: ``values`` × ``others`` (× themselves by default)."""
     array = np.array(values, dtype=np.uint64)
-    return np.bitwise_count(array[:, None] ^ array[None, :]).astype(np.int16)
+    other = array if others is None else np.array(others, dtype=np.uint64)
+    return np.bitwise_count(array[:, None] ^ other[None, :]).astype(np.int16)
+
+
+def _near(d_phash: np.ndarray, d_dhash: np.ndarray, threshold: int) -> np.ndarray:
+    """The near-duplicate rule: mean of the two hash distances at most ``threshold`` bits."""
+    return d_phash + d_dhash <= 2 * threshold
 
 
 class _UnionFind:
@@ -152,7 +159,7 @@ def find_duplicates(
     if n > 1:
         d_phash = _hamming_matrix([h.phash for h in hashes])
         d_dhash = _hamming_matrix([h.dhash for h in hashes])
-        close = np.triu(d_phash + d_dhash <= 2 * threshold, k=1)
+        close = np.triu(_near(d_phash, d_dhash, threshold), k=1)
         for i, j in zip(*np.nonzero(close), strict=True):
             near_pairs.append((int(i), int(j), int(d_phash[i, j]), int(d_dhash[i, j])))
             union.union(int(i), int(j))
@@ -180,15 +187,10 @@ def duplicates_of(samples: Sequence[Sample], references: Sequence[Sample], thres
         return [False] * len(samples)
     mine, theirs = hash_samples(samples), hash_samples(references)
     contents = {h.content for h in theirs}
-    phash = np.array([h.phash for h in theirs], dtype=np.uint64)
-    dhash = np.array([h.dhash for h in theirs], dtype=np.uint64)
-    flags = []
-    for item in mine:
-        distance = np.bitwise_count(phash ^ np.uint64(item.phash)).astype(np.int16) + np.bitwise_count(
-            dhash ^ np.uint64(item.dhash)
-        ).astype(np.int16)
-        flags.append(item.content in contents or bool((distance <= 2 * threshold).any()))
-    return flags
+    d_phash = _hamming_matrix([h.phash for h in mine], [h.phash for h in theirs])
+    d_dhash = _hamming_matrix([h.dhash for h in mine], [h.dhash for h in theirs])
+    near = _near(d_phash, d_dhash, threshold).any(axis=1)
+    return [item.content in contents or bool(close) for item, close in zip(mine, near, strict=True)]
 
 
 def group_duplicates(samples: Sequence[Sample], threshold: int) -> list[int]:
