@@ -30,7 +30,8 @@ from training.machine import describe
 
 
 def _union_mask(sample, work: Path) -> Path:
-    """The sample's ground truth as one mask file (BUSI lesions may have several)."""
+    """The sample's ground truth as one mask file (BUSI lesions may have several; none at all: an
+    all-background mask of the image's size)."""
     if len(sample.mask_paths) == 1:
         return sample.mask_paths[0]
     import numpy as np
@@ -41,19 +42,6 @@ def _union_mask(sample, work: Path) -> Path:
     path = work / "union-masks" / f"{sample.id.replace(' ', '_').replace('/', '_')}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.where(load_mask(sample), 255, 0).astype(np.uint8)).save(path)
-    return path
-
-
-def _empty_mask(sample, work: Path) -> Path:
-    """An all-background mask of the sample's image size: what "no lesion here" saves."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(sample.image_path) as image:
-        width, height = image.size
-    path = work / "empty-masks" / f"{sample.id.replace(' ', '_').replace('/', '_')}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.zeros((height, width), np.uint8)).save(path)
     return path
 
 
@@ -203,9 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         step = max(1, len(pool) // args.replay_normal)
         normals = pool[::step][: args.replay_normal]
     started = time.monotonic()
-    to_post = [(s, _union_mask) for s in [*to_save, *replay]] + [(s, _empty_mask) for s in normals]
-    for sample, mask_of in to_post:
-        mask_path = mask_of(sample, work)
+    for sample in [*to_save, *replay, *normals]:
+        mask_path = _union_mask(sample, work)  # a lesion-free image's is all background
         response = client.post(
             "/api/corrections",
             files={
