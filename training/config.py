@@ -41,6 +41,11 @@ MAX_BATCH_SIZE = 4096
 MAX_IMAGES = 10_000_000
 MAX_STEPS = 10_000_000
 MAX_SIDE = 4096
+#: Learning rates and weight decays above 1 are no schedule any of these optimisers is used with
+#: (the defaults are 1e-5 to 1e-2): such a value is a typo, refused before the run starts, not a
+#: run that diverges to NaN after its first step (which the training loop would also stop).
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 1.0
 
 
 class _Strict(BaseModel):
@@ -224,9 +229,9 @@ class CoarseTrainConfig(_Strict):
 
     epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="Epochs per fold.")
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate (poly decay).")
+    lr: float = Field(0.01, gt=0, le=MAX_LR, description="SGD learning rate (poly decay).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
+    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT_DECAY, description="SGD weight decay.")
     poly_power: float = Field(0.9, gt=0, description="Poly learning-rate decay power.")
     ema_decay: float = Field(
         0.0,
@@ -311,8 +316,8 @@ class RefinerTrainConfig(_Strict):
 
     epochs: int = Field(10, ge=1, le=MAX_EPOCHS, description="Epochs.")
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (cosine schedule).")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR, description="AdamW learning rate (cosine schedule).")
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW weight decay.")
     bce_weight: float = Field(1.0, ge=0, description="Weight of BCE in the quality-aware loss.")
     dice_weight: float = Field(1.0, ge=0, description="Weight of Dice in the quality-aware loss.")
     change_penalty_weight: float = Field(0.5, ge=0, description="λ of the change penalty.")
@@ -325,9 +330,9 @@ class EndToEndConfig(_Strict):
 
     epochs: int = Field(5, ge=1, le=MAX_EPOCHS, description="Epochs.")
     batch_size: int = Field(4, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
-    lr_coarse: float = Field(1e-5, gt=0, description="AdamW learning rate of TransUNet.")
-    lr_refiner: float = Field(1e-5, gt=0, description="AdamW learning rate of the refiner.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    lr_coarse: float = Field(1e-5, gt=0, le=MAX_LR, description="AdamW learning rate of TransUNet.")
+    lr_refiner: float = Field(1e-5, gt=0, le=MAX_LR, description="AdamW learning rate of the refiner.")
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW weight decay.")
     warmup_steps: int = Field(20, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     coarse_loss_weight: float = Field(0.5, ge=0, description="λc on 0.5·CE + 0.5·Dice of the coarse mask.")
     refined_loss_weight: float = Field(1.0, ge=0, description="λr on BCE + Dice of the refined mask.")

@@ -259,6 +259,8 @@ def test_section_epochs_win_over_the_shortcut(client):
         ({"dataset": "mnist"}, ["body", "dataset"]),
         ({"learning_rate": 0.1}, ["body", "learning_rate"]),
         ({"coarse": {"lr": -1}}, ["body", "coarse", "lr"]),
+        ({"coarse": {"lr": 1e23}}, ["body", "coarse", "lr"]),  # would diverge at its first step
+        ({"refiner_train": {"weight_decay": 5.0}}, ["body", "refiner_train", "weight_decay"]),
         ({"coarse": {"lrr": 0.1}}, ["body", "coarse", "lrr"]),
         ({"data": {"seed": -1}}, ["body", "data", "seed"]),  # numpy refuses it in the worker
         ({"data": {"seed": 2**32}}, ["body", "data", "seed"]),

@@ -11,7 +11,7 @@ from training.callbacks import EventRecorder, TrainingCallback, TrainingCancelle
 from training.checkpoints import load_checkpoint
 from training.config import TrainingConfig
 from training.phases.context import RunContext
-from training.phases.loop import LoopPhase, Validation, baseline_validation, run_epochs
+from training.phases.loop import LoopPhase, TrainingDiverged, Validation, baseline_validation, run_epochs
 
 
 class ScriptedPhase(LoopPhase):
@@ -179,3 +179,42 @@ def test_an_epoch_is_reported_before_last_pt_says_it_is_done(tmp_path):
     run_epochs(context(tmp_path, callback), phase)
     assert callback.seen == [(0, None), (1, 1), (2, 2)]
     assert load_checkpoint(phase.last_path)["epoch"] == 3
+
+
+class DivergingPhase(ScriptedPhase):
+    """The loss overflows at the third step of the second epoch."""
+
+    def train_step(self, epoch, step, indices):
+        losses = super().train_step(epoch, step, indices)
+        if (epoch, step) == (1, 2):
+            losses["other"] = float("nan")
+        return losses
+
+
+def test_a_non_finite_loss_stops_the_run_naming_where_and_the_learning_rate(tmp_path):
+    recorder = EventRecorder()
+    phase = DivergingPhase(tmp_path, [0.5, 0.6, 0.7])
+    with pytest.raises(TrainingDiverged) as info:
+        run_epochs(context(tmp_path, recorder), phase)
+    message = str(info.value)
+    assert "(other) is not finite at epoch 2, step 3" in message and "learning rate 0.1" in message
+    assert len(phase.seen) == 4 + 3  # no step after the one that diverged
+    assert [e.epoch for e in recorder.of_kind("epoch_end")] == [0]
+    assert all(e.step != 2 or e.epoch != 1 for e in recorder.of_kind("step"))  # never reported as a step
+    assert load_checkpoint(phase.last_path)["epoch"] == 1  # the finished epoch's last.pt is left alone
+    assert phase.saved == [0]
+
+
+def test_learning_rates_and_weight_decays_above_one_are_refused():
+    from pydantic import ValidationError
+
+    for section, field in [
+        ("coarse", "lr"),
+        ("coarse", "weight_decay"),
+        ("refiner_train", "lr"),
+        ("end_to_end", "lr_coarse"),
+        ("end_to_end", "lr_refiner"),
+    ]:
+        TrainingConfig.model_validate({section: {field: 1.0}})
+        with pytest.raises(ValidationError, match=field):
+            TrainingConfig.model_validate({section: {field: 1e23}})

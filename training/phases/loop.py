@@ -15,6 +15,7 @@ modules and optimizer, one training step, one validation pass and what the best 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ if TYPE_CHECKING:
     from training.phases.context import RunContext
 
 log = logging.getLogger("training.loop")
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step's loss is NaN or infinite: the weights are lost to overflow, and every
+    later step would only spend time. The run ends failed with this message; the last finished
+    epoch's ``last.pt`` and best weights are left as they were."""
 
 
 class TrainState:
@@ -235,6 +242,7 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
         running: dict[str, list[float]] = {}
         for step in range(first_step, len(epoch_batches)):
             losses = phase.train_step(epoch, step, [int(i) for i in epoch_batches[step]])
+            _check_finite(phase, losses, epoch, step)
             for name, value in losses.items():
                 running.setdefault(name, []).append(value)
             ctx.progress.set(phase.progress_key, (epoch + (step + 1) / len(epoch_batches)) / phase.epochs)
@@ -289,3 +297,17 @@ def run_epochs(ctx: RunContext, phase: LoopPhase) -> TrainState:
             validation.summary or f"val Dice {fmt_dice(validation.dice)}",
         )
     return state
+
+
+def _check_finite(phase: LoopPhase, losses: dict[str, float], epoch: int, step: int) -> None:
+    """Stop at the first step whose losses are not all finite, naming where and the learning rate."""
+    bad = sorted(name for name, value in losses.items() if not math.isfinite(value))
+    if not bad:
+        return
+    lr = phase.lr()
+    raise TrainingDiverged(
+        f"{phase.label}: the training loss ({', '.join(bad)}) is not finite at epoch {epoch + 1}, "
+        f"step {step + 1}"
+        + (f", learning rate {lr:.3g}" if lr is not None else "")
+        + ": training diverged; start a new run with a lower learning rate"
+    )
