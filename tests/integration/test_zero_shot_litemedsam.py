@@ -2,8 +2,10 @@
 (preprocessing, embedded weights, box coordinates, decoder, mapping back to native pixels).
 
 LiteMedSAM was trained with a box prompt and single-mask output, so this uses the decoder's
-single-mask path (``multimask_output=False``). Measured on the first 25 benign + 25 malignant
-BUSI images: Dice 0.906 (the box itself as a mask: 0.806).
+single-mask path (``multimask_output=False``). Measured on the first 10 benign + 10 malignant
+BUSI images: Dice 0.894 (the box itself as a mask: 0.803); on the first 25 + 25 (the README's
+figure): 0.906 (0.806). Twenty images keep the check as exact (the pipeline is deterministic) at
+a third of the time of fifty: eager fp32 TinyViT costs ≈ 2.9 s an image on a 2-core Zen 4.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from training.modeling.prompts import Prompts
 from training.modeling.refiner import build_refiner
 
 BUSI_ROOT = SHARED_DATA_ROOT / "BUSI"
-PER_CLASS = 25
-MEASURED_DICE = 0.906
+PER_CLASS = 10
+MEASURED_DICE = 0.894
 CHUNK = 10  # images encoded per call
 
 
