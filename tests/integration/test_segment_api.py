@@ -424,6 +424,14 @@ def test_batch_per_file_results_and_errors(client, fast_refiner_encoder):
     assert body["items"][0]["result"]["embedding_cached"] in (True, False)
     assert "no pixel data" in body["items"][2]["detail"]
     assert client.post("/segment/batch", files={"other": ("x", b"y")}).status_code == 422
+    # A body that is not multipart names the part each route reads.
+    refused = client.post("/segment/batch", json={"files": []})
+    assert refused.status_code == 415 and "part named 'files'" in refused.json()["detail"]
+    refused = client.post("/segment", json={"file": []})
+    assert refused.status_code == 415 and "part named 'file'" in refused.json()["detail"]
+    good_part = {"file": ("a.png", good, "image/png")}
+    refused = client.post("/segment", files=good_part, headers={"Content-Encoding": "gzip"})
+    assert refused.status_code == 415 and "Content-Encoding" in refused.json()["detail"]
 
 
 # ----------------------------------------------------------------------------- logs, auth, queue

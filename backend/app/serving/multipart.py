@@ -27,15 +27,22 @@ class Part:
     data: bytearray = field(default_factory=bytearray)
 
 
-async def read_multipart(request: Request, *, limit_bytes: int, file_limit_bytes: int) -> list[Part]:
-    """Stream-parse a ``multipart/form-data`` body into memory, enforcing every size limit."""
+async def read_multipart(
+    request: Request, *, limit_bytes: int, file_limit_bytes: int, file_part: str = "file"
+) -> list[Part]:
+    """Stream-parse a ``multipart/form-data`` body into memory, enforcing every size limit;
+    ``file_part`` is the part the route reads its image from (named in the refusals)."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
         raise SegmentError(
-            415, "the request body must be multipart/form-data with the image in a part named 'file'"
+            415, f"the request body must be multipart/form-data with the image in a part named {file_part!r}"
         )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The body is parsed as sent: a compressed one would only fail later as "malformed".
+        raise SegmentError(415, "Content-Encoding is not supported: send the multipart body uncompressed")
     boundary = options.get(b"boundary")
     if not boundary or len(boundary) > 200:
         raise SegmentError(400, "the multipart/form-data content type has no valid boundary")
@@ -132,7 +139,7 @@ async def read_multipart(request: Request, *, limit_bytes: int, file_limit_bytes
         raise problem[0]
     if received == 0:
         raise SegmentError(
-            400, "the request body is empty: send the image as multipart/form-data part 'file'"
+            400, f"the request body is empty: send the image as multipart/form-data part {file_part!r}"
         )
     return parts
 
@@ -164,10 +171,11 @@ def limit_bytes(megabytes: float) -> int:
     return int(megabytes * MIB)
 
 
-async def read_parts(request: Request, settings, total_mb: float) -> list[Part]:
+async def read_parts(request: Request, settings, total_mb: float, file_part: str = "file") -> list[Part]:
     """The multipart parts: at most ``total_mb`` in all, each file at most ``max_upload_mb``."""
     return await read_multipart(
         request,
         limit_bytes=limit_bytes(total_mb) + ENVELOPE_BYTES,
         file_limit_bytes=limit_bytes(settings.max_upload_mb),
+        file_part=file_part,
     )

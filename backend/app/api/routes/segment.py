@@ -113,7 +113,7 @@ async def segment_batch(
     """
     try:
         async with admitted(request) as admission:
-            parts = await read_parts(request, settings, settings.max_batch_upload_mb)
+            parts = await read_parts(request, settings, settings.max_batch_upload_mb, file_part="files")
             items, _ = await admission.run(run_batch, holder, settings, batch_jobs(parts, settings, frame))
     except (SegmentError, ImageError) as error:
         return error_response(error)
