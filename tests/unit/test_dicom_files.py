@@ -311,3 +311,43 @@ def test_an_element_that_cannot_be_read_is_dropped_at_decoding_not_raised_later(
     with pytest.raises(ImageError) as info:
         decode_image(data[: at + 4] + b"U\x02" + data[at + 6 :])
     assert info.value.status_code == 422 and "Columns" in info.value.detail
+
+
+def _changed(**attributes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(make_dicom()))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "attributes, named",
+    [
+        ({"BitsAllocated": 12}, "BitsAllocated"),
+        ({"BitsStored": 0}, "BitsStored"),
+        ({"BitsStored": 20}, "BitsStored"),
+        ({"SamplesPerPixel": 2}, "SamplesPerPixel"),
+        ({"PixelRepresentation": 2}, "PixelRepresentation"),
+        ({"Rows": 4000}, "Rows × Columns × NumberOfFrames"),  # more pixels than the data holds
+        ({"NumberOfFrames": 999}, "Rows × Columns × NumberOfFrames"),
+    ],
+)
+def test_an_inconsistent_pixel_module_is_422_naming_the_attribute_not_its_value(attributes, named):
+    with pytest.raises(ImageError) as info:
+        decode_image(_changed(**attributes))
+    assert info.value.status_code == 422
+    assert named in info.value.detail and "truncated or inconsistent" not in info.value.detail
+    for value in attributes.values():
+        assert f" {value}" not in info.value.detail.replace("up to 64", "")
+
+
+def test_a_planar_configuration_is_only_read_from_colour_data():
+    assert decode_image(_changed(PlanarConfiguration=7)).pixels.shape == (48, 64)  # gray: ignored
+    ds = pydicom.dcmread(io.BytesIO(make_dicom("RGB")))
+    ds.PlanarConfiguration = 7
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageError, match="PlanarConfiguration is invalid"):
+        decode_image(buffer.getvalue())

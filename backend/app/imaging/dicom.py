@@ -107,6 +107,7 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     if index >= n_frames:
         raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
     syntax = _transfer_syntax(ds)
+    _check_pixel_module(ds, rows * columns * n_frames, syntax, photometric)
 
     try:
         array = _frame_array(ds, data, syntax, index if n_frames > 1 else None)
@@ -163,6 +164,57 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         pixel_spacing_mm=dicom_pixel_spacing_mm(ds),
         dataset=ds,
     )
+
+
+def _check_pixel_module(ds, n_pixels: int, syntax, photometric: str) -> None:
+    """The Image Pixel module's attributes that decoding relies on, each refused by name with the
+    values the standard allows (PS3.3 C.7.6.3), never with the value sent; for native (uncompressed)
+    pixel data, that it holds at least the bytes they describe."""
+
+    def value(keyword: str, default=None):
+        try:
+            raw = ds.get(keyword, default)
+            return None if raw is None or raw == "" else int(raw)
+        except (TypeError, ValueError):
+            raise ImageError(f"the DICOM attribute {keyword} is not an integer") from None
+
+    samples = value("SamplesPerPixel", 1)
+    bits = value("BitsAllocated")
+    stored = value("BitsStored", bits)
+    representation = value("PixelRepresentation", 0)
+    planar = value("PlanarConfiguration", 0) if samples == 3 else 0  # only colour data has one
+    checks = [
+        ("SamplesPerPixel", samples in (1, 3), "1 or 3"),
+        (
+            "BitsAllocated",
+            bits == 1 or (bits is not None and bits % 8 == 0 and 8 <= bits <= 64),
+            "1 or a multiple of 8 up to 64",
+        ),
+        (
+            "BitsStored",
+            stored is not None and bits is not None and 1 <= stored <= bits,
+            "between 1 and BitsAllocated",
+        ),
+        ("PixelRepresentation", representation in (0, 1), "0 (unsigned) or 1 (signed)"),
+        ("PlanarConfiguration", samples != 3 or planar in (0, 1), "0 or 1"),
+    ]
+    for keyword, valid, allowed in checks:
+        if not valid:
+            raise ImageError(f"the DICOM attribute {keyword} is invalid (it must be {allowed})")
+    if syntax.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        held = len(ds["PixelData"].value)
+    except (TypeError, ValueError, KeyError):
+        return  # pydicom's own decoder says what is wrong
+    # YBR_FULL_422 native data holds two samples a pixel (chroma shared by pairs of pixels).
+    per_pixel = 2 if samples == 3 and photometric == "YBR_FULL_422" else samples
+    needed = (n_pixels * per_pixel + 7) // 8 if bits == 1 else n_pixels * per_pixel * (bits // 8)
+    if held < needed:
+        raise ImageError(
+            "the DICOM pixel data is shorter than Rows × Columns × NumberOfFrames × SamplesPerPixel × "
+            "BitsAllocated describe: the file is truncated, or one of those attributes is wrong"
+        )
 
 
 def _frame_array(ds, data: bytes, syntax, index: int | None) -> np.ndarray:
