@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from backend.app.imaging import DecodedImage, ImageError
+from backend.app.seg_source import seg_ready
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +68,21 @@ def build_dicom_seg(
     stacked = np.stack([mask.astype(bool) for _, mask in masks], axis=-1)  # H×W×S
     n_frames = max(1, decoded.n_frames)
     frame_reference: int | None = None
-    if n_frames > 1 and "FrameOfReferenceUID" in source:
+    if n_frames > 1 and _has_patient_geometry(source):
         # One mask frame per source frame: only the segmented one is non-empty (empty frames omitted).
         pixel_array = np.zeros((n_frames, *stacked.shape), dtype=bool)
         pixel_array[decoded.frame] = stacked
     elif n_frames > 1:
-        # Cine ultrasound has no frame of reference: highdicom then aligns one frame only. Build
-        # from a single-frame view of the header and point the references at the source frame.
+        # Cine ultrasound has no position in patient space (at most a FrameOfReferenceUID):
+        # highdicom then aligns one frame only. Build from a single-frame view of the header and
+        # point the references at the source frame.
         source = _single_frame_view(source)
         pixel_array = stacked[None]
         frame_reference = decoded.frame + 1
     else:
         pixel_array = stacked[None]
     omit_empty = bool(pixel_array.any())
-    source = _without_unusable_spacing(source)
+    source = seg_ready(source)
 
     try:
         seg = hd.seg.Segmentation(
@@ -89,7 +91,7 @@ def build_dicom_seg(
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=hd.UID(),
-            series_number=int(source.get("SeriesNumber", 0) or 0) + 1000,
+            series_number=_series_number(source),
             sop_instance_uid=hd.UID(),
             instance_number=1,
             manufacturer=MANUFACTURER,
@@ -97,6 +99,7 @@ def build_dicom_seg(
             software_versions=model_version[:64],
             device_serial_number="0",
             series_description="UltraRefiner lesion segmentation",
+            content_label=_content_label(source),
             omit_empty_frames=omit_empty,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as error:
@@ -110,6 +113,38 @@ def build_dicom_seg(
     buffer = io.BytesIO()
     seg.save_as(buffer)
     return buffer.getvalue()
+
+
+def _has_patient_geometry(source) -> bool:
+    """Whether the frames of a multi-frame source have positions in a frame of reference, which
+    highdicom needs to align one mask frame per source frame."""
+    if "FrameOfReferenceUID" not in source:
+        return False
+    if "ImagePositionPatient" in source:
+        return True
+    groups = list(source.get("SharedFunctionalGroupsSequence", [])) + list(
+        source.get("PerFrameFunctionalGroupsSequence", [])
+    )
+    return any("PlanePositionSequence" in group for group in groups)
+
+
+def _series_number(source) -> int:
+    """The source's SeriesNumber + 1000 (the SEG's own series beside it), within IS's range."""
+    try:
+        number = int(source.get("SeriesNumber", 0) or 0) + 1000
+    except (TypeError, ValueError):
+        return 1000
+    return number if 1 <= number <= 2**31 - 1 else 1000
+
+
+def _content_label(source) -> str:
+    """``<Modality>_SEG`` as highdicom names it (``US_SEG``), ``LESION_SEG`` without a usable
+    Modality (a CS value of at most 16 characters)."""
+    modality = str(source.get("Modality") or "").strip()
+    label = f"{modality}_SEG"
+    if modality and len(label) <= 16 and all(c.isupper() or c.isdigit() or c == "_" for c in label):
+        return label
+    return "LESION_SEG"
 
 
 _US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -138,29 +173,6 @@ _SINGLE_FRAME_CLASSES = frozenset(
     )
 )
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _without_unusable_spacing(source):
-    """``source``, or a copy without the spacing attributes that are not two positive finite
-    numbers (NaN, one value, zero): highdicom copies them into the SEG's pixel measures, where
-    they fail it or the validator. Serving ignores such a spacing too (no area in mm²)."""
-    from backend.app.imaging.dicom import positive_pair
-
-    def unusable(keyword: str) -> bool:
-        if keyword not in source:
-            return False
-        try:
-            return positive_pair(source.get(keyword)) is None
-        except (TypeError, ValueError, OverflowError):  # a value pydicom cannot even convert
-            return True
-
-    bad = [keyword for keyword in ("PixelSpacing", "ImagerPixelSpacing") if unusable(keyword)]
-    if not bad:
-        return source
-    view = copy.deepcopy(source)
-    for keyword in bad:
-        del view[keyword]
-    return view
 
 
 def _single_frame_view(source):
@@ -195,9 +207,17 @@ def _reference_source_frame(seg, frame_number: int, original_class: str) -> None
 
 def _patient_orientation(seg, source) -> None:
     """PatientOrientation (General Image module) is type 2C: required, possibly empty, when the
-    image has no frame of reference, as 2-D ultrasound has not. Copied from the source image
-    where it has one, else present and empty."""
-    if "FrameOfReferenceUID" in seg or "PatientOrientation" in seg:
+    image carries no orientation in patient space — no PlaneOrientationSequence, as in 2-D
+    ultrasound, with or without a FrameOfReferenceUID. Copied from the source image where it has
+    one, else present and empty."""
+    if "PatientOrientation" in seg or _has_plane_orientation(seg):
         return
     value = source.get("PatientOrientation") if source is not None else None
     seg.PatientOrientation = value if value else None
+
+
+def _has_plane_orientation(seg) -> bool:
+    groups = list(seg.get("SharedFunctionalGroupsSequence", [])) + list(
+        seg.get("PerFrameFunctionalGroupsSequence", [])
+    )
+    return any("PlaneOrientationSequence" in group for group in groups)

@@ -197,7 +197,40 @@ SEG_SOURCES = {
     "us-spacing-nan": lambda: _with_spacing(["NaN", "0.1"]),
     "us-spacing-one-value": lambda: _with_spacing(["0.1"]),
     "us-spacing-zero": lambda: _with_spacing(["0", "0"]),
+    # Header values written by scanners and anonymisers that highdicom refuses or the validator
+    # fails: left empty in the SEG (never its UIDs, which the SEG must reference as they are).
+    "no-patient-and-study-type-2": lambda: _with_header(
+        PatientID=None, PatientName=None, PatientSex=None, StudyDate=None, StudyTime=None, StudyID=None
+    ),
+    "no-modality": lambda: _with_header(Modality=None),
+    "malformed-dates-and-sex": lambda: _with_header(
+        StudyDate="20261399", StudyTime="99xx", PatientBirthDate="abc", PatientSex="Q", PatientAge="abc"
+    ),
+    "too-long-values": lambda: _with_header(
+        AccessionNumber="A" * 64, StudyID="S" * 40, SeriesNumber="99999999999999"
+    ),
+    "two-values-where-one-is-allowed": lambda: _with_header(StudyDescription="a\\b"),
+    "unknown-character-set": lambda: _with_header(SpecificCharacterSet="ISO_IR 999"),
+    "japanese-code-extensions": lambda: _with_header(
+        SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"
+    ),
+    "frame-of-reference-without-position": lambda: _with_header(FrameOfReferenceUID="1.2.3.4"),
+    "cine-frame-of-reference-without-position": lambda: _with_header(frames=3, FrameOfReferenceUID="1.2.3.4"),
 }
+
+
+def _with_header(frames: int = 1, **attributes) -> bytes:
+    """A synthetic ultrasound file with these header attributes set (None: removed)."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(frames=frames)))
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
 
 
 def _with_spacing(value: list[str]) -> bytes:
@@ -222,7 +255,7 @@ def test_seg_passes_dciodvfy(source, segments, tmp_path):
     source_ds = pydicom.dcmread(io.BytesIO(data))
     referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
-    if decoded.n_frames > 1 and "FrameOfReferenceUID" not in source_ds:
+    if decoded.n_frames > 1 and "ImagePositionPatient" not in source_ds:
         derivation = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0]
         item = derivation.SourceImageSequence[0]
         if source_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1":  # US Multi-frame
@@ -351,3 +384,21 @@ def test_a_planar_configuration_is_only_read_from_colour_data():
     ds.save_as(buffer, enforce_file_format=True)
     with pytest.raises(ImageError, match="PlanarConfiguration is invalid"):
         decode_image(buffer.getvalue())
+
+
+def test_a_seg_keeps_the_valid_patient_data_and_the_text_of_any_character_set():
+    decoded = decode_image(
+        _with_header(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎")
+    )
+    mask = np.zeros((decoded.height, decoded.width), bool)
+    mask[10:20, 10:30] = True
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="m")))
+    assert str(seg.PatientName) == "Yamada^Tarou=山田^太郎" and seg.SpecificCharacterSet == "ISO_IR 192"
+    assert (
+        seg.PatientID == decoded.dataset.PatientID
+        and seg.StudyInstanceUID == decoded.dataset.StudyInstanceUID
+    )
+    decoded = decode_image(_with_header(StudyDate="20261399", AccessionNumber="A" * 64))
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="m")))
+    assert seg.StudyDate == "" and seg.AccessionNumber == ""  # left empty, not made up
+    assert decoded.dataset.StudyDate == "20261399"  # the decoded header itself is untouched
