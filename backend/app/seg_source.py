@@ -68,7 +68,7 @@ def seg_ready(source):
             changed.append(keyword)
     if changed:
         log.info(
-            "DICOM SEG: %d source attribute(s) outside the standard left out: %s",
+            "DICOM SEG: %d source attribute(s) not valid as they were, left empty or re-encoded: %s",
             len(changed),
             ", ".join(sorted(set(changed))),
         )
