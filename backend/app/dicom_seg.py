@@ -66,49 +66,51 @@ def build_dicom_seg(
         )
 
     stacked = np.stack([mask.astype(bool) for _, mask in masks], axis=-1)  # H×W×S
+    original_class = str(source.SOPClassUID)
+    if original_class == _SEGMENTATION_STORAGE:
+        raise ImageError("the source DICOM is itself a Segmentation; a SEG references an image", 422)
+
+    def build(header, pixel_array: np.ndarray):
+        header = seg_ready(header)
+        try:
+            return hd.seg.Segmentation(
+                source_images=[header],
+                pixel_array=pixel_array,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions,
+                series_instance_uid=hd.UID(),
+                series_number=_series_number(header),
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer=MANUFACTURER,
+                manufacturer_model_name="UltraRefiner",
+                software_versions=model_version[:64],
+                device_serial_number="0",
+                series_description="UltraRefiner lesion segmentation",
+                content_label=_content_label(header),
+                omit_empty_frames=bool(pixel_array.any()),
+            )
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            log.info("DICOM SEG: highdicom refused the header (%s)", type(error).__name__)
+            return None
+
     n_frames = max(1, decoded.n_frames)
-    frame_reference: int | None = None
-    if n_frames > 1 and _has_patient_geometry(source):
-        # One mask frame per source frame: only the segmented one is non-empty (empty frames omitted).
+    seg = None
+    if _has_patient_geometry(source):
+        # In patient space: one mask frame per source frame, only the segmented one non-empty
+        # (empty frames omitted).
         pixel_array = np.zeros((n_frames, *stacked.shape), dtype=bool)
         pixel_array[decoded.frame] = stacked
-    elif n_frames > 1:
-        # Cine ultrasound has no position in patient space (at most a FrameOfReferenceUID):
-        # highdicom then aligns one frame only. Build from a single-frame view of the header and
-        # point the references at the source frame.
-        source = _single_frame_view(source)
-        pixel_array = stacked[None]
-        frame_reference = decoded.frame + 1
-    else:
-        pixel_array = stacked[None]
-    omit_empty = bool(pixel_array.any())
-    source = seg_ready(source)
-
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=[source],
-            pixel_array=pixel_array,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=_series_number(source),
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name="UltraRefiner",
-            software_versions=model_version[:64],
-            device_serial_number="0",
-            series_description="UltraRefiner lesion segmentation",
-            content_label=_content_label(source),
-            omit_empty_frames=omit_empty,
-        )
-    except (ValueError, TypeError, AttributeError, KeyError) as error:
-        log.warning("DICOM SEG could not be built (%s)", type(error).__name__)
-        raise ImageError(
-            f"a DICOM Segmentation could not be built for this source image ({type(error).__name__})", 422
-        ) from None
-    if frame_reference is not None:
-        _reference_source_frame(seg, frame_reference, original_class=str(decoded.dataset.SOPClassUID))
+        seg = build(source, pixel_array)
+    if seg is None:
+        # In image space: 2-D and cine ultrasound (no position in patient space, at most a
+        # FrameOfReferenceUID), headers whose geometry highdicom refuses, SOP classes it does not
+        # know. Built from an image-space view of the header, then every reference is pointed at
+        # the source's real SOP class and, for a multi-frame source, at the segmented frame.
+        seg = build(_image_space_view(source), stacked[None])
+        if seg is None:
+            raise ImageError("a DICOM Segmentation could not be built for this source image", 422)
+        _reference_source(seg, original_class, decoded.frame + 1 if n_frames > 1 else None)
     _patient_orientation(seg, decoded.dataset)
     buffer = io.BytesIO()
     seg.save_as(buffer)
@@ -116,16 +118,20 @@ def build_dicom_seg(
 
 
 def _has_patient_geometry(source) -> bool:
-    """Whether the frames of a multi-frame source have positions in a frame of reference, which
-    highdicom needs to align one mask frame per source frame."""
+    """Whether the source places its frames in a frame of reference completely enough for a SEG
+    in patient space: the plane position, orientation, spacing and thickness of a classic image,
+    or the functional groups of an enhanced multi-frame one."""
     if "FrameOfReferenceUID" not in source:
         return False
-    if "ImagePositionPatient" in source:
-        return True
     groups = list(source.get("SharedFunctionalGroupsSequence", [])) + list(
         source.get("PerFrameFunctionalGroupsSequence", [])
     )
-    return any("PlanePositionSequence" in group for group in groups)
+    if any("PlanePositionSequence" in group for group in groups):
+        return True
+    return all(
+        keyword in source and source.get(keyword) not in (None, "")
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness")
+    )
 
 
 def _series_number(source) -> int:
@@ -173,21 +179,39 @@ _SINGLE_FRAME_CLASSES = frozenset(
     )
 )
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def _single_frame_view(source):
-    """A copy of a legacy multi-frame header (no frame of reference) that looks single-frame."""
+#: What an image-space SEG must not copy: frames, timing and the position in patient space.
+_PATIENT_SPACE_AND_FRAMES = (
+    "NumberOfFrames",
+    "FrameIncrementPointer",
+    "FrameTime",
+    "FrameTimeVector",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceLocation",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+)
+
+
+def _image_space_view(source):
+    """A copy of the header that highdicom takes as one 2-D image without a position in patient
+    space: of the Ultrasound Image class for ultrasound, of Secondary Capture otherwise."""
     view = copy.deepcopy(source)
-    for keyword in ("NumberOfFrames", "FrameIncrementPointer", "FrameTime", "FrameTimeVector"):
+    for keyword in _PATIENT_SPACE_AND_FRAMES:
         if keyword in view:
             del view[keyword]
     view.SOPClassUID = _US_IMAGE_STORAGE if str(source.get("Modality", "")) == "US" else _SECONDARY_CAPTURE
     return view
 
 
-def _reference_source_frame(seg, frame_number: int, original_class: str) -> None:
-    """Point every reference at the source instance's real SOP class, and the derivation of each
-    mask frame at the segmented source frame (1-based).
+def _reference_source(seg, original_class: str, frame_number: int | None) -> None:
+    """Point every reference at the source instance's real SOP class and, for a multi-frame
+    source (``frame_number``, 1-based), the derivation of each mask frame at the segmented frame.
 
     ReferencedFrameNumber belongs to the image references of the derivation (the Image SOP
     Instance Reference macro of SourceImageSequence), not to the series/instance list of the
@@ -196,7 +220,7 @@ def _reference_source_frame(seg, frame_number: int, original_class: str) -> None
     for series in seg.get("ReferencedSeriesSequence", []):
         for item in series.get("ReferencedInstanceSequence", []):
             item.ReferencedSOPClassUID = original_class
-    names_frames = original_class not in _SINGLE_FRAME_CLASSES
+    names_frames = frame_number is not None and original_class not in _SINGLE_FRAME_CLASSES
     for group in seg.get("PerFrameFunctionalGroupsSequence", []):
         for derivation in group.get("DerivationImageSequence", []):
             for item in derivation.get("SourceImageSequence", []):

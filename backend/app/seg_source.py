@@ -15,6 +15,8 @@ header in which
 * a SpecificCharacterSet highdicom does not take as it is (unknown terms, ``ISO_IR 6``, code
   extensions such as the ``\\ISO 2022 IR 87`` of Japanese exports) becomes UTF-8 (``ISO_IR 192``):
   pydicom has already decoded the text, so the SEG is written in a character set that holds it;
+* a source that says its patient identity was removed but not how gets the DeidentificationMethod
+  ``Not stated in the source image`` (type 1C once PatientIdentityRemoved is YES);
 * a PixelSpacing or ImagerPixelSpacing that is not two positive finite numbers is removed
   (serving ignores such a spacing too: no area in mm²).
 
@@ -58,6 +60,14 @@ def seg_ready(source):
     if str(view.get("PatientSex") or "") not in ("", "M", "F", "O"):
         view.PatientSex = None
         changed.append("PatientSex")
+    if (
+        str(view.get("PatientIdentityRemoved") or "").upper() == "YES"
+        and not view.get("DeidentificationMethod")
+        and not view.get("DeidentificationMethodCodeSequence")
+    ):
+        # Type 1C once identity is said removed; the source does not say how, and neither can we.
+        view.DeidentificationMethod = "Not stated in the source image"
+        changed.append("DeidentificationMethod")
     character_set = view.get("SpecificCharacterSet")
     if _writable_character_set(character_set) != character_set:
         view.SpecificCharacterSet = "ISO_IR 192"

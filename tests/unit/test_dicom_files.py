@@ -402,3 +402,44 @@ def test_a_seg_keeps_the_valid_patient_data_and_the_text_of_any_character_set():
     seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="m")))
     assert seg.StudyDate == "" and seg.AccessionNumber == ""  # left empty, not made up
     assert decoded.dataset.StudyDate == "20261399"  # the decoded header itself is untouched
+
+
+def _invalid_uid(line: str) -> bool:
+    """A validator error about one of the source's own UIDs, which the SEG must copy as they are
+    (pydicom's test data holds a few: a root of 999, a hexadecimal hash)."""
+    return "UID" in line or "embedded numeric component" in line or "invalid data values" in line
+
+
+def test_every_installed_toolkit_image_gets_a_seg_that_passes_the_validator(tmp_path):
+    folders = [PYDICOM_FILES] + ([EXTRA_FILES] if EXTRA_FILES is not None else [])
+    clean, refused, source_uids = [], [], []
+    for path in sorted(p for folder in folders for p in folder.glob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            decoded = decode_image(data)
+            if decoded.n_frames > 1:
+                decoded = decode_image(data, frame=decoded.n_frames - 1)
+        except ImageError:
+            continue  # not an image this service decodes (covered above)
+        mask = np.zeros((decoded.height, decoded.width), bool)
+        mask[decoded.height // 4 : decoded.height // 2, decoded.width // 4 : decoded.width // 2] = True
+        try:
+            content = build_dicom_seg(decoded, mask, mask, model_version="m")
+        except ImageError as error:
+            # Only what a SEG cannot do without: the study to place it in, an image to reference.
+            assert error.status_code == 422 and (
+                "lacks StudyInstanceUID" in error.detail or "itself a" in error.detail
+            )
+            refused.append(path.name)
+            continue
+        errors = _dciodvfy_errors(content, tmp_path)
+        if errors:
+            assert all(_invalid_uid(line) for line in errors), (path.name, errors[:3])
+            source_uids.append(path.name)
+        else:
+            clean.append(path.name)
+    print(
+        f"SEG census: {len(clean)} clean, {len(source_uids)} with invalid source UIDs, {len(refused)} refused"
+    )
+    assert len(clean) >= 110, (len(clean), refused, source_uids)
+    assert len(source_uids) <= 3
