@@ -113,6 +113,16 @@ def test_serve_without_admin_token_generates_one_and_never_accepts_a_placeholder
             assert httpx.get(f"{api}/api/runs", headers=headers, timeout=10).status_code == 401
         headers = {"Authorization": f"Bearer {tokens[0]}"}
         assert httpx.get(f"{api}/api/runs", headers=headers, timeout=10).status_code == 200
+        assert httpx.get(f"{api}/api/runs/{2**40}", headers=headers, timeout=10).status_code == 422
+        # The project's own log lines reach the console beside uvicorn's: what is served, and
+        # one line per rejected request. The vendored TinyViT's timm warnings do not.
+        deadline = time.monotonic() + 10
+        while "rejected GET /api/runs/" not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+        output = log_path.read_text(errors="replace")
+        assert "backend.app.model_holder: serving model" in output and "engine torch" in output
+        assert "FutureWarning" not in output, output[-2000:]
         assert output.count(tokens[0]) == 1  # printed once, never logged again
     finally:
         os.killpg(proc.pid, signal.SIGINT)

