@@ -447,6 +447,7 @@ def test_no_patient_data_in_logs(client, caplog, fast_refiner_encoder):
     assert post_image(client, data, filename=f"{PATIENT_NAME}.dcm", params={"frame": 5}).status_code == 422
     text = caplog.text
     assert PATIENT_NAME not in text and "Doe" not in text and "PID-12345" not in text
+    assert "rejected a segmentation request: 422 (frame 5 is out of range" in text  # what, not whose
 
 
 def test_api_key_and_admin_token_answer_401_before_the_body(bundle_path, tmp_path, fast_refiner_encoder):
