@@ -398,6 +398,9 @@ def test_a_seg_keeps_the_valid_patient_data_and_the_text_of_any_character_set():
         seg.PatientID == decoded.dataset.PatientID
         and seg.StudyInstanceUID == decoded.dataset.StudyInstanceUID
     )
+    decoded = decode_image(_with_header(SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Zoë"))
+    seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="m")))
+    assert str(seg.PatientName) == "Müller^Zoë" and seg.SpecificCharacterSet == "ISO_IR 100"  # kept
     decoded = decode_image(_with_header(StudyDate="20261399", AccessionNumber="A" * 64))
     seg = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="m")))
     assert seg.StudyDate == "" and seg.AccessionNumber == ""  # left empty, not made up
