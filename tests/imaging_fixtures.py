@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
@@ -131,6 +132,20 @@ def make_dicom(
         pixel_bytes += b"\x00"
     ds.PixelData = pixel_bytes
     return _to_bytes(ds)
+
+
+def with_attributes(data: bytes, **attributes) -> bytes:
+    """The DICOM file ``data`` with these top-level attributes set (``None``: removed)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in attributes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
 
 
 def _to_bytes(ds: Dataset) -> bytes:

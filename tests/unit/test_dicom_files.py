@@ -22,7 +22,7 @@ from pydicom.uid import UID
 
 from backend.app.dicom_seg import build_dicom_seg
 from backend.app.imaging import ImageError, decode_image, sniff_kind
-from tests.imaging_fixtures import PATIENT_NAME, make_dicom
+from tests.imaging_fixtures import PATIENT_NAME, make_dicom, with_attributes
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 try:
@@ -221,24 +221,11 @@ SEG_SOURCES = {
 
 def _with_header(frames: int = 1, **attributes) -> bytes:
     """A synthetic ultrasound file with these header attributes set (None: removed)."""
-    ds = pydicom.dcmread(io.BytesIO(make_dicom(frames=frames)))
-    for keyword, value in attributes.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=False)
-    return buffer.getvalue()
+    return with_attributes(make_dicom(frames=frames), **attributes)
 
 
 def _with_spacing(value: list[str]) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(make_dicom(bits=16, pixel_spacing=(0.1, 0.1))))
-    ds.PixelSpacing = value
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=False)
-    return buffer.getvalue()
+    return with_attributes(make_dicom(bits=16, pixel_spacing=(0.1, 0.1)), PixelSpacing=value)
 
 
 @pytest.mark.parametrize("segments", ["both", "refined"])
@@ -346,15 +333,6 @@ def test_an_element_that_cannot_be_read_is_dropped_at_decoding_not_raised_later(
     assert info.value.status_code == 422 and "Columns" in info.value.detail
 
 
-def _changed(**attributes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(make_dicom()))
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     "attributes, named",
     [
@@ -369,7 +347,7 @@ def _changed(**attributes) -> bytes:
 )
 def test_an_inconsistent_pixel_module_is_422_naming_the_attribute_not_its_value(attributes, named):
     with pytest.raises(ImageError) as info:
-        decode_image(_changed(**attributes))
+        decode_image(with_attributes(make_dicom(), **attributes))
     assert info.value.status_code == 422
     assert named in info.value.detail and "truncated or inconsistent" not in info.value.detail
     for value in attributes.values():
@@ -377,13 +355,10 @@ def test_an_inconsistent_pixel_module_is_422_naming_the_attribute_not_its_value(
 
 
 def test_a_planar_configuration_is_only_read_from_colour_data():
-    assert decode_image(_changed(PlanarConfiguration=7)).pixels.shape == (48, 64)  # gray: ignored
-    ds = pydicom.dcmread(io.BytesIO(make_dicom("RGB")))
-    ds.PlanarConfiguration = 7
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    gray = with_attributes(make_dicom(), PlanarConfiguration=7)
+    assert decode_image(gray).pixels.shape == (48, 64)  # gray: ignored
     with pytest.raises(ImageError, match="PlanarConfiguration is invalid"):
-        decode_image(buffer.getvalue())
+        decode_image(with_attributes(make_dicom("RGB"), PlanarConfiguration=7))
 
 
 def test_a_seg_keeps_the_valid_patient_data_and_the_text_of_any_character_set():

@@ -14,6 +14,7 @@ from imaging_fixtures import (
     gradient,
     make_dicom,
     png_bytes,
+    with_attributes,
 )
 from PIL import Image
 
@@ -199,15 +200,6 @@ def test_window_and_rescale_are_applied():
     np.testing.assert_allclose(rescaled, plain.astype(np.float32) * 2 - 100)
 
 
-def _with(data: bytes, **attributes) -> bytes:
-    ds = pydicom.dcmread(io.BytesIO(data))
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=False)
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize(
     "attributes",
     [
@@ -223,7 +215,7 @@ def test_a_lut_outside_the_standard_is_skipped_not_fatal(attributes, caplog):
     base = make_dicom("MONOCHROME2", bits=16, window=(1000, 400), rescale=(2.0, -100.0))
     plain = decode_image(make_dicom("MONOCHROME2", bits=16)).pixels.astype(np.float32)
     with caplog.at_level("INFO", logger="backend.app.imaging.dicom"):
-        decoded = decode_image(_with(base, **attributes))
+        decoded = decode_image(with_attributes(base, **attributes))
     assert decoded.pixels.dtype == np.float32 and np.isfinite(decoded.pixels).all()
     if "WindowWidth" in attributes:  # the rescale stays, the window goes
         np.testing.assert_allclose(decoded.pixels, plain * 2 - 100)
@@ -291,11 +283,8 @@ def test_pixel_spacing_sources():
     assert decode_image(make_dicom()).pixel_spacing_mm is None
     # A malformed spacing counts as none (no area in mm²), never as an error.
     for bad in (["NaN", "0.1"], ["0.1"], ["0", "0"], ["-1", "0.1"]):
-        ds = pydicom.dcmread(io.BytesIO(make_dicom(pixel_spacing=(0.1, 0.1))))
-        ds.PixelSpacing = bad
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=False)
-        assert decode_image(buffer.getvalue()).pixel_spacing_mm is None, bad
+        data = with_attributes(make_dicom(pixel_spacing=(0.1, 0.1)), PixelSpacing=bad)
+        assert decode_image(data).pixel_spacing_mm is None, bad
 
 
 def test_dicom_without_preamble_hint():
