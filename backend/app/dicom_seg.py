@@ -123,10 +123,7 @@ def _has_patient_geometry(source) -> bool:
     or the functional groups of an enhanced multi-frame one."""
     if "FrameOfReferenceUID" not in source:
         return False
-    groups = list(source.get("SharedFunctionalGroupsSequence", [])) + list(
-        source.get("PerFrameFunctionalGroupsSequence", [])
-    )
-    if any("PlanePositionSequence" in group for group in groups):
+    if any("PlanePositionSequence" in group for group in _functional_groups(source)):
         return True
     return all(
         keyword in source and source.get(keyword) not in (None, "")
@@ -241,7 +238,11 @@ def _patient_orientation(seg, source) -> None:
 
 
 def _has_plane_orientation(seg) -> bool:
-    groups = list(seg.get("SharedFunctionalGroupsSequence", [])) + list(
-        seg.get("PerFrameFunctionalGroupsSequence", [])
+    return any("PlaneOrientationSequence" in group for group in _functional_groups(seg))
+
+
+def _functional_groups(dataset) -> list:
+    """The shared and the per-frame functional group items of a multi-frame dataset."""
+    return list(dataset.get("SharedFunctionalGroupsSequence", [])) + list(
+        dataset.get("PerFrameFunctionalGroupsSequence", [])
     )
-    return any("PlaneOrientationSequence" in group for group in groups)

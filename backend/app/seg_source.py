@@ -92,8 +92,8 @@ def _blank_if_invalid(element) -> bool:
 
     if element.VR not in _TEXT_VRS or element.tag.group in (0x0002, 0x0028) or element.is_empty:
         return False
-    if element.keyword in ("SpecificCharacterSet", "PixelSpacing", "ImagerPixelSpacing"):
-        return False  # handled on their own
+    if element.keyword in ("SpecificCharacterSet", "ImagerPixelSpacing"):
+        return False  # handled on their own (PixelSpacing is in group 0028, skipped above)
     values = element.value if element.VM > 1 else [element.value]
     if element.VM > 1 and _single_valued(element.tag):
         element.value = None  # e.g. a backslash inside a StudyDescription: two values where one is allowed

@@ -196,7 +196,7 @@ def _check_pixel_module(ds, n_pixels: int, syntax, photometric: str) -> None:
             "between 1 and BitsAllocated",
         ),
         ("PixelRepresentation", representation in (0, 1), "0 (unsigned) or 1 (signed)"),
-        ("PlanarConfiguration", samples != 3 or planar in (0, 1), "0 or 1"),
+        ("PlanarConfiguration", planar in (0, 1), "0 or 1"),
     ]
     for keyword, valid, allowed in checks:
         if not valid:
