@@ -88,9 +88,16 @@ def test_onnx_refiner_matches_torch(tmp_path, prompt_flags):
 
 
 def test_clinician_points_of_any_count(tmp_path):
-    """The decoder graph takes any number of prompt tokens (dynamic axis)."""
+    """The decoder graphs take any number of prompt tokens (dynamic axis): few run on the
+    factorised graph, more on the direct one, and both give the torch masks."""
     refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
     fast = accelerated(refiner, "onnx", tmp_path)
+    decoder = fast.mask_decoder
+    # The toy decoder (2 heads, internal width 16, 4 output tokens + IoU token): up to 3 prompt tokens.
+    assert decoder.factorised_up_to == 3
+    # 1 point + SAM's padding point = 2 tokens; 4 points (no box, no padding) = 4 tokens.
+    assert decoder.session_for(2) is decoder.factorised_session
+    assert decoder.session_for(4) is decoder.session is not decoder.factorised_session
     embeddings = refiner.encode(torch.rand(1, 3, SIDE, SIDE))
     coarse = lesion_probs(1)
     with torch.inference_mode():
@@ -106,9 +113,10 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
     refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
     accelerated(refiner, "onnx-int8", tmp_path)
     files = sorted(p.name for p in tmp_path.glob("*.onnx"))
-    # coarse and decoder in fp32; the encoder in fp32 and its int8 copy
-    assert [f.split("-")[0] for f in files] == ["coarse", "decoder", "encoder", "encoder"]
-    assert [f for f in files if f.endswith(f".int8-{INT8_RECIPE}.onnx")] == [files[2]]  # "i" before "o"
+    # coarse and both decoder forms in fp32; the encoder in fp32 and its int8 copy
+    assert [f.split("-")[0] for f in files] == ["coarse", "decoder", "decoder", "encoder", "encoder"]
+    assert files[2].startswith("decoder-factorised-")
+    assert [f for f in files if f.endswith(f".int8-{INT8_RECIPE}.onnx")] == [files[3]]  # "i" before "o"
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
 
     accelerated(refiner, "onnx-int8", tmp_path)  # same weights: cached files reused as they are
@@ -127,7 +135,7 @@ def test_exported_once_per_weights_and_only_the_encoder_is_int8(tmp_path):
         tuned.mask_decoder.iou_token.weight.add_(1.0)
     accelerated(tuned, "onnx", tmp_path)
     names = {p.name for p in tmp_path.glob("*.onnx")}
-    assert len(names) == 5 and len([n for n in names if n.startswith("decoder")]) == 2
+    assert len(names) == 7 and len([n for n in names if n.startswith("decoder")]) == 4
 
 
 # ---------------------------------------------------------------------------------------- OpenVINO
@@ -173,6 +181,7 @@ def test_openvino_fp32_matches_torch(tmp_path):
     fast = predictor.refiner
     assert fast.image_encoder.session.precision == "f32"
     assert isinstance(fast.mask_decoder.session, OpenVinoSession)
+    assert isinstance(fast.mask_decoder.factorised_session, OpenVinoSession)
 
     images = torch.rand(2, 3, SIDE, SIDE)
     coarse_images = torch.rand(2, 1, TINY_TRANSUNET.img_size, TINY_TRANSUNET.img_size)
@@ -183,13 +192,13 @@ def test_openvino_fp32_matches_torch(tmp_path):
         want = refiner(embeddings, lesion_probs(2))
         got = fast(embeddings, lesion_probs(2))
         assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
-        for count in (1, 4):  # any number of prompt tokens (dynamic axis)
+        for count in (1, 4):  # any number of prompt tokens (dynamic axis), on both decoder forms
             override = Prompts(points=torch.rand(1, count, 2) * SIDE, point_labels=torch.ones(1, count))
             want = refiner(embeddings[:1], lesion_probs(1), prompts_override=override)
             got = fast(embeddings[:1], lesion_probs(1), prompts_override=override)
             assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)
     # the fp32 ONNX files are shared with the ONNX Runtime engines: no int8 copy is made
-    assert not list(tmp_path.glob("*.int8*.onnx")) and len(list(tmp_path.glob("*.onnx"))) == 3
+    assert not list(tmp_path.glob("*.int8*.onnx")) and len(list(tmp_path.glob("*.onnx"))) == 4
 
 
 @needs_bf16

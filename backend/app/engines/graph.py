@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from backend.app.engines.base import Engine
+from backend.app.engines.factorised_decoder import max_factorised_prompt_tokens
 from backend.app.engines.onnx_export import (
     DECODER_INPUTS,
     onnx_coarse_path,
@@ -56,7 +57,14 @@ class GraphEngine(Engine):
             # Always fp32: it matches torch to ~1e-5 (tests/unit/test_engines.py); int8 MatMuls
             # saved little in an ad-hoc timing and changed the masks.
             path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir)
-            decoder = OnnxMaskDecoder(self.session(path, self._num_threads()), path, self.name)
+            factorised_path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir, factorised=True)
+            decoder = OnnxMaskDecoder(
+                self.session(path, self._num_threads()),
+                path,
+                self.name,
+                factorised=self.session(factorised_path, self._num_threads()),
+                factorised_up_to=max_factorised_prompt_tokens(decoder),
+            )
         return encoder, decoder
 
     def prepare_refiner(self, refiner, cache_dir: Path):
@@ -104,11 +112,27 @@ class OnnxCoarse(OnnxPerSample):
 
 
 class OnnxMaskDecoder(_OnnxModule):
-    """Drop-in SAM mask decoder (same ``forward`` contract as ``MaskDecoder``) via ONNX Runtime.
+    """Drop-in SAM mask decoder (same ``forward`` contract as ``MaskDecoder``) via a graph session.
 
     The graph holds ``predict_masks`` for one image; batches are run one sample at a time, and the
-    single-/multi-mask selection is the same slicing as SAM's ``MaskDecoder.forward``.
+    single-/multi-mask selection is the same slicing as SAM's ``MaskDecoder.forward``. With a
+    ``factorised`` session (:class:`~backend.app.engines.factorised_decoder.FactorisedMaskDecoder`,
+    the same function), prompts of at most ``factorised_up_to`` sparse tokens run on it, where it
+    does less work; more tokens run on the direct graph.
     """
+
+    def __init__(
+        self, session, path: Path, engine: str, *, factorised=None, factorised_up_to: int = -1
+    ) -> None:
+        super().__init__(session, path, engine)
+        self.factorised_session = factorised
+        self.factorised_up_to = factorised_up_to if factorised is not None else -1
+
+    def session_for(self, prompt_tokens: int):
+        """The session that runs a prompt of ``prompt_tokens`` sparse tokens."""
+        if prompt_tokens <= self.factorised_up_to:
+            return self.factorised_session
+        return self.session
 
     def _image_pe_numpy(self, image_pe: torch.Tensor) -> np.ndarray:
         """``image_pe`` as a graph input; the refiner passes the same tensor each call (it is a
@@ -132,6 +156,7 @@ class OnnxMaskDecoder(_OnnxModule):
         if image_embeddings.shape[0] not in (1, batch):
             raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {batch} prompt sets")
         pe = self._image_pe_numpy(image_pe)
+        session = self.session_for(int(sparse_prompt_embeddings.shape[1]))
         masks, ious = [], []
         for index in range(batch):
             embedding = image_embeddings[index if image_embeddings.shape[0] > 1 else 0]
@@ -147,7 +172,7 @@ class OnnxMaskDecoder(_OnnxModule):
                     strict=True,
                 )
             )
-            low_res, iou = self.session.run(None, feed)
+            low_res, iou = session.run(None, feed)
             masks.append(low_res)
             ious.append(iou)
         chosen = slice(1, None) if multimask_output else slice(0, 1)

@@ -7,7 +7,9 @@ weights the predictor already holds (nothing is downloaded) and kept under the c
 hash of those weights, the input size, the torch version and the opset, so an export happens
 once per model (the encoder, frozen in every phase, once per backbone). Files are written to a
 temporary name and renamed into place, under a process-wide lock. ``onnx-int8`` adds an int8
-dynamic quantisation of the encoder's ``MatMul`` nodes (:func:`quantize_matmul_int8`).
+dynamic quantisation of the encoder's ``MatMul`` nodes (:func:`quantize_matmul_int8`). The mask
+decoder is exported twice: directly, and as :class:`~backend.app.engines.factorised_decoder.
+FactorisedMaskDecoder` (the same function, less work with few prompt tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from backend.app.engines.base import AccelerationError
+from backend.app.engines.factorised_decoder import FACTORISED_DECODER_VERSION, FactorisedMaskDecoder
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +122,18 @@ class _MaskDecoderGraph(nn.Module):
 DECODER_INPUTS = ("image_embeddings", "image_pe", "sparse_prompt_embeddings", "dense_prompt_embeddings")
 
 
-def export_mask_decoder(decoder: nn.Module, embed_dim: int, embed_side: int, path: Path) -> Path:
-    """The mask decoder (one image, any number of sparse prompt tokens) as ONNX at ``path``."""
+def export_mask_decoder(
+    decoder: nn.Module, embed_dim: int, embed_side: int, path: Path, *, factorised: bool = False
+) -> Path:
+    """The mask decoder (one image, any number of sparse prompt tokens) as ONNX at ``path``:
+    SAM's own ``predict_masks``, or with ``factorised`` its :class:`FactorisedMaskDecoder` form."""
     grid = (1, embed_dim, embed_side, embed_side)
     example = (torch.randn(grid), torch.randn(grid), torch.randn(1, 3, embed_dim), torch.randn(grid))
     return _export(
-        _MaskDecoderGraph(decoder),
+        FactorisedMaskDecoder(decoder) if factorised else _MaskDecoderGraph(decoder),
         example,
         path,
-        "mask decoder",
+        "factorised mask decoder" if factorised else "mask decoder",
         input_names=list(DECODER_INPUTS),
         output_names=["masks", "iou_predictions"],
         dynamic_axes={"sparse_prompt_embeddings": {1: "tokens"}},
@@ -192,14 +198,22 @@ def onnx_encoder_path(encoder: nn.Module, input_size: int, cache_dir: Path, *, i
     return _cached_onnx(stem, cache_dir, lambda path: export_encoder(encoder, input_size, path), int8=int8)
 
 
-def onnx_decoder_path(decoder: nn.Module, embed_dim: int, embed_side: int, cache_dir: Path) -> Path:
-    """The cached fp32 ONNX file of the mask ``decoder`` (for either ONNX engine); keyed by its
-    (fine-tuned) weights, so every model gets its own file."""
-    stem = f"decoder-{embed_side}-{weights_fingerprint(decoder, f'{embed_dim}x{embed_side}')}"
+def onnx_decoder_path(
+    decoder: nn.Module, embed_dim: int, embed_side: int, cache_dir: Path, *, factorised: bool = False
+) -> Path:
+    """The cached fp32 ONNX file of the mask ``decoder`` (for either ONNX engine), direct or
+    ``factorised``; keyed by its (fine-tuned) weights, so every model gets its own files."""
+    shape_key = f"{embed_dim}x{embed_side}"
+    if factorised:
+        shape_key += f"|factorised-v{FACTORISED_DECODER_VERSION}"
+    kind = "decoder-factorised" if factorised else "decoder"
+    stem = f"{kind}-{embed_side}-{weights_fingerprint(decoder, shape_key)}"
     # Always fp32: the fp32 graph matches torch to ~1e-5 (tests/unit/test_engines.py); int8
     # MatMuls saved little in an ad-hoc timing and changed the masks.
     return _cached_onnx(
-        stem, cache_dir, lambda path: export_mask_decoder(decoder, embed_dim, embed_side, path)
+        stem,
+        cache_dir,
+        lambda path: export_mask_decoder(decoder, embed_dim, embed_side, path, factorised=factorised),
     )
 
 
