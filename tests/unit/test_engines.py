@@ -271,3 +271,31 @@ def test_openvino_bf16_refused_without_native_bf16(tmp_path, monkeypatch):
     refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
     with pytest.raises(AccelerationError, match="no native bf16"):
         accelerated(refiner, "openvino-bf16", tmp_path)
+
+
+def test_a_runtime_that_cannot_load_the_factorised_decoder_keeps_the_engine(tmp_path, monkeypatch, caplog):
+    """The factorised graph is an optimisation of the direct one: a runtime refusing it (as
+    OpenVINO once did on a Zen 4 CPU) costs that speed-up only, not the engine (no torch fallback)."""
+    from backend.app.engines.onnxruntime_engine import OnnxEngine
+
+    refiner = tiny_refiner(RefinerConfig(backbone="litemedsam", pretrained=False)).eval()
+    real_session = OnnxEngine.session
+
+    def refuse_factorised(self, path, num_threads):
+        if "factorised" in path.name:
+            raise AccelerationError(f"ONNX Runtime could not load {path.name} (RuntimeError)")
+        return real_session(self, path, num_threads)
+
+    monkeypatch.setattr(OnnxEngine, "session", refuse_factorised)
+    with caplog.at_level("WARNING", logger="backend.app.engines.graph"):
+        fast = accelerated(refiner, "onnx", tmp_path)
+    decoder = fast.mask_decoder
+    assert isinstance(decoder, OnnxMaskDecoder)
+    assert decoder.factorised_session is None and decoder.factorised_up_to == -1
+    assert decoder.session_for(2) is decoder.session
+    assert "could not load decoder-factorised" in caplog.text and "direct mask decoder" in caplog.text
+    embeddings = refiner.encode(torch.rand(1, 3, SIDE, SIDE))
+    with torch.inference_mode():
+        want = refiner(embeddings, lesion_probs(1))
+        got = fast(embeddings, lesion_probs(1))
+    assert torch.allclose(got.refined_logits, want.refined_logits, atol=1e-3)

@@ -67,3 +67,34 @@ def test_refuses_an_upscaling_it_cannot_rewrite():
     decoder.output_upscaling[0] = torch.nn.ConvTranspose2d(256, 64, kernel_size=3, stride=2)
     with torch.no_grad(), pytest.raises(ValueError, match="2×2 stride-2"):
         FactorisedMaskDecoder(decoder)(*inputs(256, 8, 2))
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino", "openvino-bf16"])
+def test_both_decoder_graphs_of_litemedsam_size_load_and_agree_in_every_runtime(tmp_path, engine):
+    """At LiteMedSAM's real sizes (64×64 embedding): OpenVINO 2026.4 in bf16 refused the first
+    export of the factorised graph on a Zen 4 CPU ("data.size() == OC"), which the toy-sized
+    engine tests did not show; the server then fell back to torch."""
+    pytest.importorskip("onnx")
+    from backend.app.engines import ENGINES, cpu_has_native_bf16
+    from backend.app.engines.onnx_export import DECODER_INPUTS, onnx_decoder_path
+
+    if engine.startswith("openvino"):
+        pytest.importorskip("openvino")
+    if engine == "openvino-bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    decoder = litemedsam_sized_decoder()
+    example = inputs(256, 64, 2)
+    with torch.no_grad():
+        want_masks, want_iou = _MaskDecoderGraph(decoder)(*example)
+    feed = {name: tensor.numpy() for name, tensor in zip(DECODER_INPUTS, example, strict=True)}
+    scale = float(want_masks.abs().max())
+    # bf16 keeps 8 significant bits: a relative error of a few 1e-2 on random weights.
+    tolerance = 5e-2 if engine == "openvino-bf16" else 1e-5
+    for factorised in (False, True):
+        path = onnx_decoder_path(decoder, 256, 64, tmp_path, factorised=factorised)
+        session = ENGINES[engine]().session(path, 2)
+        masks, iou = session.run(None, feed)
+        assert masks.shape == tuple(want_masks.shape) == (1, 4, 256, 256)
+        assert float(abs(torch.from_numpy(masks) - want_masks).max()) <= tolerance * scale
+        iou_scale = max(1.0, float(want_iou.abs().max()))
+        assert float(abs(torch.from_numpy(iou) - want_iou).max()) <= tolerance * iou_scale

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 #: Part of the exported file's cache key: a change to this formulation must not reuse old files.
-FACTORISED_DECODER_VERSION = 1
+FACTORISED_DECODER_VERSION = 2
 
 
 def output_token_count(decoder: nn.Module) -> int:
@@ -60,10 +60,15 @@ def _head_weights(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Te
     return weight.view(heads, width, weight.shape[1]), linear.bias.view(heads, width)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``B×T×(heads·width)`` → ``B×heads×T×width`` (token-sized tensors only)."""
-    batch, tokens, channels = x.shape
-    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
+def _split_heads(x: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+    """``B×T×(heads·width)`` → ``B×heads×T×width`` (token-sized tensors only).
+
+    Every width given to a reshape in this module is a Python int taken from a weight's shape, so
+    the exported graph has static feature sizes; OpenVINO 2026.4's CPU plugin fails to compile a
+    matrix product by a constant whose input width is left dynamic (``view(…, -1)``): seen in bf16
+    on a Zen 4 (AVX-512) CPU, "data.size() == OC" in its post-op composer."""
+    batch, tokens, _ = x.shape
+    return x.view(batch, tokens, heads, width).transpose(1, 2)
 
 
 def token_to_image(attention: nn.Module, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
@@ -71,12 +76,13 @@ def token_to_image(attention: nn.Module, queries: torch.Tensor, keys: torch.Tens
     image keys/values, without projecting the ``N`` image positions."""
     heads = attention.num_heads
     batch, tokens, _ = queries.shape
-    q = _split_heads(attention.q_proj(queries), heads)  # B×H×T×d
-    width = q.shape[-1]
+    width = attention.q_proj.out_features // heads
+    q = _split_heads(attention.q_proj(queries), heads, width)  # B×H×T×d
     key_weight, _ = _head_weights(attention.k_proj, heads)  # H×d×E; its bias cancels in the softmax
-    folded = (q @ key_weight).reshape(batch, heads * tokens, -1)  # B×HT×E
+    key_dim, value_dim = attention.k_proj.in_features, attention.v_proj.in_features
+    folded = (q @ key_weight).reshape(batch, heads * tokens, key_dim)  # B×HT×E
     weights = (folded @ keys.transpose(1, 2) / math.sqrt(width)).softmax(dim=-1)  # B×HT×N
-    pooled = (weights @ values).view(batch, heads, tokens, -1)  # B×H×T×E
+    pooled = (weights @ values).view(batch, heads, tokens, value_dim)  # B×H×T×E
     value_weight, value_bias = _head_weights(attention.v_proj, heads)
     heads_out = pooled @ value_weight.transpose(1, 2) + value_bias[:, None, :]  # B×H×T×d
     return attention.out_proj(heads_out.transpose(1, 2).reshape(batch, tokens, heads * width))
@@ -87,17 +93,17 @@ def image_to_token(attention: nn.Module, queries: torch.Tensor, keys: torch.Tens
     token keys/values, without projecting the ``N`` image positions."""
     heads = attention.num_heads
     batch, tokens, _ = keys.shape
-    k = _split_heads(attention.k_proj(keys), heads)  # B×H×T×d
-    v = _split_heads(attention.v_proj(values), heads)
-    width = k.shape[-1]
+    width = attention.k_proj.out_features // heads
+    k = _split_heads(attention.k_proj(keys), heads, width)  # B×H×T×d
+    v = _split_heads(attention.v_proj(values), heads, width)
     query_weight, query_bias = _head_weights(attention.q_proj, heads)  # H×d×E, H×d
-    folded = (k @ query_weight).reshape(batch, heads * tokens, -1)  # B×HT×E
+    folded = (k @ query_weight).reshape(batch, heads * tokens, attention.q_proj.in_features)  # B×HT×E
     offset = (k * query_bias[:, None, :]).sum(dim=-1).reshape(batch, 1, heads * tokens)
     logits = (queries @ folded.transpose(1, 2) + offset) / math.sqrt(width)  # B×N×HT
     positions = queries.shape[1]
     weights = logits.view(batch, positions, heads, tokens).softmax(dim=-1)
     out_weight = attention.out_proj.weight.view(-1, heads, width).permute(1, 2, 0)  # H×d×E
-    folded_values = (v @ out_weight).reshape(batch, heads * tokens, -1)  # B×HT×E
+    folded_values = (v @ out_weight).reshape(batch, heads * tokens, attention.out_proj.out_features)  # B×HT×E
     return weights.view(batch, positions, heads * tokens) @ folded_values + attention.out_proj.bias
 
 

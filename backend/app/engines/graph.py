@@ -9,13 +9,14 @@ and whether the encoder is int8-quantised. The stand-ins keep the torch contract
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from backend.app.engines.base import Engine
+from backend.app.engines.base import AccelerationError, Engine
 from backend.app.engines.factorised_decoder import max_factorised_prompt_tokens
 from backend.app.engines.onnx_export import (
     DECODER_INPUTS,
@@ -23,6 +24,8 @@ from backend.app.engines.onnx_export import (
     onnx_decoder_path,
     onnx_encoder_path,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class GraphEngine(Engine):
@@ -57,15 +60,26 @@ class GraphEngine(Engine):
             # Always fp32: it matches torch to ~1e-5 (tests/unit/test_engines.py); int8 MatMuls
             # saved little in an ad-hoc timing and changed the masks.
             path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir)
-            factorised_path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir, factorised=True)
+            direct = self.session(path, self._num_threads())
             decoder = OnnxMaskDecoder(
-                self.session(path, self._num_threads()),
+                direct,
                 path,
                 self.name,
-                factorised=self.session(factorised_path, self._num_threads()),
+                factorised=self._factorised_session(decoder, embed_dim, embed_side, cache_dir),
                 factorised_up_to=max_factorised_prompt_tokens(decoder),
             )
         return encoder, decoder
+
+    def _factorised_session(self, decoder: nn.Module, embed_dim: int, embed_side: int, cache_dir: Path):
+        """A session on the factorised decoder graph, or ``None`` (with a warning) when it cannot
+        be exported or this runtime cannot load it: the direct graph computes the same function,
+        only slower, so a runtime's failure on the rewritten graph must not cost the engine."""
+        try:
+            path = onnx_decoder_path(decoder, embed_dim, embed_side, cache_dir, factorised=True)
+            return self.session(path, self._num_threads())
+        except (AccelerationError, ValueError) as error:  # ValueError: a decoder it cannot rewrite
+            logger.warning("%s; every prompt runs on the direct mask decoder graph", error)
+            return None
 
     def prepare_refiner(self, refiner, cache_dir: Path):
         refiner.image_encoder, refiner.mask_decoder = self.refiner_parts(refiner, cache_dir)
