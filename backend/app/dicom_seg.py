@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 SegmentChoice = Literal["both", "refined"]
 MANUFACTURER = "UltraRefiner Studio"
+# A patient-space SEG holds one (mostly empty) mask frame per source frame, so its array grows with
+# the source's frame count; above this many mask pixels the image-space SEG of the one segmented
+# frame, which is also valid, is built instead (e.g. 2 segments × 244 frames of 512×512).
+MAX_PATIENT_SPACE_VOXELS = 128_000_000
 
 
 def build_dicom_seg(
@@ -96,7 +100,9 @@ def build_dicom_seg(
 
     n_frames = max(1, decoded.n_frames)
     seg = None
-    if _has_patient_geometry(source):
+    if n_frames * stacked.size > MAX_PATIENT_SPACE_VOXELS:
+        log.info("DICOM SEG: NumberOfFrames is too large for a patient-space SEG; built in image space")
+    elif _has_patient_geometry(source):
         # In patient space: one mask frame per source frame, only the segmented one non-empty
         # (empty frames omitted).
         pixel_array = np.zeros((n_frames, *stacked.shape), dtype=bool)
@@ -105,8 +111,9 @@ def build_dicom_seg(
     if seg is None:
         # In image space: 2-D and cine ultrasound (no position in patient space, at most a
         # FrameOfReferenceUID), headers whose geometry highdicom refuses, SOP classes it does not
-        # know. Built from an image-space view of the header, then every reference is pointed at
-        # the source's real SOP class and, for a multi-frame source, at the segmented frame.
+        # know, sources with too many frames. Built from an image-space view of the header, then
+        # every reference is pointed at the source's real SOP class and, for a multi-frame source,
+        # at the segmented frame.
         seg = build(_image_space_view(source), stacked[None])
         if seg is None:
             raise ImageError("a DICOM Segmentation could not be built for this source image", 422)

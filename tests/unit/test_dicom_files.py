@@ -354,6 +354,37 @@ def test_an_inconsistent_pixel_module_is_422_naming_the_attribute_not_its_value(
         assert f" {value}" not in info.value.detail.replace("up to 64", "")
 
 
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_jp2klossless.dcm"])
+@pytest.mark.parametrize("frames", [3, 10**11])
+def test_more_frames_than_the_compressed_data_holds_is_422_naming_the_attribute(name, frames):
+    # Found by fuzzing the SEG path: frame 1 of such a file decodes, and the SEG's per-frame array
+    # (NumberOfFrames × Rows × Columns) was a 500.
+    with pytest.raises(ImageError) as info:
+        decode_image(with_attributes(_file(name), NumberOfFrames=str(frames)))
+    assert info.value.status_code == 422 and "NumberOfFrames" in info.value.detail
+    assert str(frames) not in info.value.detail
+    header = pydicom.dcmread(io.BytesIO(_file(name)))
+    assert decode_image(_file(name)).n_frames == int(header.get("NumberOfFrames", 1))  # as written: fine
+
+
+def test_a_source_with_too_many_frames_for_a_patient_space_seg_gets_a_valid_image_space_one(
+    monkeypatch, tmp_path
+):
+    import backend.app.dicom_seg as dicom_seg
+
+    decoded = decode_image(_file("eCT_Supplemental.dcm"), frame=1)  # 2 frames with patient geometry
+    mask = np.zeros((decoded.height, decoded.width), bool)
+    mask[100:200, 100:200] = True
+    in_patient_space = pydicom.dcmread(io.BytesIO(build_dicom_seg(decoded, mask, mask, model_version="t")))
+    assert "PlanePositionSequence" in in_patient_space.PerFrameFunctionalGroupsSequence[0]
+    monkeypatch.setattr(dicom_seg, "MAX_PATIENT_SPACE_VOXELS", 2 * decoded.height * decoded.width * 2 - 1)
+    content = build_dicom_seg(decoded, mask, mask, model_version="t")
+    assert _dciodvfy_errors(content, tmp_path) == []
+    frame = pydicom.dcmread(io.BytesIO(content)).PerFrameFunctionalGroupsSequence[0]
+    assert "PlanePositionSequence" not in frame
+    assert int(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) == 2
+
+
 def test_a_planar_configuration_is_only_read_from_colour_data():
     gray = with_attributes(make_dicom(), PlanarConfiguration=7)
     assert decode_image(gray).pixels.shape == (48, 64)  # gray: ignored

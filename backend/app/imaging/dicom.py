@@ -107,7 +107,7 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     if index >= n_frames:
         raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
     syntax = _transfer_syntax(ds)
-    _check_pixel_module(ds, rows * columns * n_frames, syntax, photometric)
+    _check_pixel_module(ds, rows * columns, n_frames, syntax, photometric)
 
     try:
         array = _frame_array(ds, data, syntax, index if n_frames > 1 else None)
@@ -166,10 +166,12 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     )
 
 
-def _check_pixel_module(ds, n_pixels: int, syntax, photometric: str) -> None:
+def _check_pixel_module(ds, frame_pixels: int, n_frames: int, syntax, photometric: str) -> None:
     """The Image Pixel module's attributes that decoding relies on, each refused by name with the
     values the standard allows (PS3.3 C.7.6.3), never with the value sent; for native (uncompressed)
-    pixel data, that it holds at least the bytes they describe."""
+    pixel data, that it holds at least the bytes they describe; for compressed pixel data, that it
+    holds at least NumberOfFrames fragments."""
+    n_pixels = frame_pixels * n_frames
 
     def value(keyword: str, default=None):
         try:
@@ -201,7 +203,10 @@ def _check_pixel_module(ds, n_pixels: int, syntax, photometric: str) -> None:
     for keyword, valid, allowed in checks:
         if not valid:
             raise ImageError(f"the DICOM attribute {keyword} is invalid (it must be {allowed})")
-    if syntax.is_compressed or "PixelData" not in ds:
+    if "PixelData" not in ds:
+        return
+    if syntax.is_compressed:
+        _check_frame_count(ds, n_frames)
         return
     try:
         held = len(ds["PixelData"].value)
@@ -214,6 +219,25 @@ def _check_pixel_module(ds, n_pixels: int, syntax, photometric: str) -> None:
         raise ImageError(
             "the DICOM pixel data is shorter than Rows × Columns × NumberOfFrames × SamplesPerPixel × "
             "BitsAllocated describe: the file is truncated, or one of those attributes is wrong"
+        )
+
+
+def _check_frame_count(ds, n_frames: int) -> None:
+    """Compressed pixel data holds each frame in one fragment or more (PS3.5 A.4), so a
+    NumberOfFrames above its number of fragments is wrong. Decoding one frame would not notice,
+    but everything sized by the frame count (a DICOM SEG's frames) would."""
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+    try:
+        buffer = io.BytesIO(ds["PixelData"].value)
+        parse_basic_offsets(buffer)
+        fragments, _ = parse_fragments(buffer)
+    except Exception:  # noqa: BLE001 - a broken encapsulation is the decoder's to report
+        return
+    if n_frames > fragments:
+        raise ImageError(
+            "the DICOM attribute NumberOfFrames is larger than the number of frames the compressed "
+            "pixel data holds"
         )
 
 
