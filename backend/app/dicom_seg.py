@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import re
 from typing import Literal
 
 import numpy as np
@@ -43,8 +44,15 @@ def build_dicom_seg(
 
     source = decoded.dataset
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        if not source.get(keyword):
+        value = source.get(keyword)
+        if not value:
             raise ImageError(f"the source DICOM lacks {keyword}; a Segmentation cannot reference it", 422)
+        if not isinstance(value, str) or not value.strip():
+            # Several values (or blank ones) where one UID belongs; a single UID of an odd form
+            # (a root of 999, a hash) is referenced as it is.
+            raise ImageError(
+                f"the source DICOM's {keyword} is not one UID; a Segmentation cannot reference it", 422
+            )
 
     masks = (
         [("refined", refined_mask)]
@@ -75,7 +83,6 @@ def build_dicom_seg(
         raise ImageError("the source DICOM is itself a Segmentation; a SEG references an image", 422)
 
     def build(header, pixel_array: np.ndarray):
-        header = seg_ready(header)
         try:
             return hd.seg.Segmentation(
                 source_images=[header],
@@ -99,22 +106,23 @@ def build_dicom_seg(
             return None
 
     n_frames = max(1, decoded.n_frames)
+    ready = seg_ready(source)  # what highdicom copies, valid; the geometry is judged on it too
     seg = None
     if n_frames * stacked.size > MAX_PATIENT_SPACE_VOXELS:
         log.info("DICOM SEG: NumberOfFrames is too large for a patient-space SEG; built in image space")
-    elif _has_patient_geometry(source):
+    elif _has_patient_geometry(ready):
         # In patient space: one mask frame per source frame, only the segmented one non-empty
         # (empty frames omitted).
         pixel_array = np.zeros((n_frames, *stacked.shape), dtype=bool)
         pixel_array[decoded.frame] = stacked
-        seg = build(source, pixel_array)
+        seg = build(ready, pixel_array)
     if seg is None:
         # In image space: 2-D and cine ultrasound (no position in patient space, at most a
         # FrameOfReferenceUID), headers whose geometry highdicom refuses, SOP classes it does not
         # know, sources with too many frames. Built from an image-space view of the header, then
         # every reference is pointed at the source's real SOP class and, for a multi-frame source,
         # at the segmented frame.
-        seg = build(_image_space_view(source), stacked[None])
+        seg = build(_image_space_view(ready), stacked[None])
         if seg is None:
             raise ImageError("a DICOM Segmentation could not be built for this source image", 422)
         _reference_source(seg, original_class, decoded.frame + 1 if n_frames > 1 else None)
@@ -126,16 +134,39 @@ def build_dicom_seg(
 
 def _has_patient_geometry(source) -> bool:
     """Whether the source places its frames in a frame of reference completely enough for a SEG
-    in patient space: the plane position, orientation, spacing and thickness of a classic image,
-    or the functional groups of an enhanced multi-frame one."""
+    in patient space: the plane position, orientation, spacing and thickness of a classic image
+    (each the right count of finite numbers; spacing and thickness positive), or the functional
+    groups of an enhanced multi-frame one."""
     if "FrameOfReferenceUID" not in source:
         return False
     if any("PlanePositionSequence" in group for group in _functional_groups(source)):
         return True
-    return all(
-        keyword in source and source.get(keyword) not in (None, "")
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness")
+    from backend.app.imaging.dicom import positive_pair
+
+    position = _finite_numbers(source.get("ImagePositionPatient"), 3)
+    orientation = _finite_numbers(source.get("ImageOrientationPatient"), 6)
+    thickness = _finite_numbers(source.get("SliceThickness"), 1)
+    return (
+        position is not None
+        and orientation is not None
+        and positive_pair(source.get("PixelSpacing")) is not None
+        and thickness is not None
+        and thickness[0] > 0
     )
+
+
+def _finite_numbers(value, count: int) -> list[float] | None:
+    """``count`` finite numbers from a DS attribute's value, else ``None``."""
+    if value is None or value == "":
+        return None
+    from pydicom.multival import MultiValue
+
+    values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        numbers = [float(item) for item in values]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
 def _series_number(source) -> int:
@@ -149,10 +180,10 @@ def _series_number(source) -> int:
 
 def _content_label(source) -> str:
     """``<Modality>_SEG`` as highdicom names it (``US_SEG``), ``LESION_SEG`` without a usable
-    Modality (a CS value of at most 16 characters)."""
+    Modality (a CS value of at most 16 characters that starts with a letter)."""
     modality = str(source.get("Modality") or "").strip()
     label = f"{modality}_SEG"
-    if modality and len(label) <= 16 and all(c.isupper() or c.isdigit() or c == "_" for c in label):
+    if re.fullmatch(r"[A-Z][A-Z0-9_]{0,15}", label):
         return label
     return "LESION_SEG"
 
@@ -209,6 +240,9 @@ def _image_space_view(source):
     for keyword in _PATIENT_SPACE_AND_FRAMES:
         if keyword in view:
             del view[keyword]
+    thickness = _finite_numbers(view.get("SliceThickness"), 1)
+    if "SliceThickness" in view and (thickness is None or thickness[0] <= 0):
+        del view.SliceThickness  # highdicom copies it into the pixel measures, where it must hold one
     view.SOPClassUID = _US_IMAGE_STORAGE if str(source.get("Modality", "")) == "US" else _SECONDARY_CAPTURE
     return view
 
@@ -237,11 +271,18 @@ def _patient_orientation(seg, source) -> None:
     """PatientOrientation (General Image module) is type 2C: required, possibly empty, when the
     image carries no orientation in patient space — no PlaneOrientationSequence, as in 2-D
     ultrasound, with or without a FrameOfReferenceUID. Copied from the source image where it has
-    one, else present and empty."""
+    a valid one, else present and empty."""
     if "PatientOrientation" in seg or _has_plane_orientation(seg):
         return
     value = source.get("PatientOrientation") if source is not None else None
-    seg.PatientOrientation = value if value else None
+    seg.PatientOrientation = value if _valid_patient_orientation(value) else None
+
+
+def _valid_patient_orientation(value) -> bool:
+    """Two values (the row and the column direction), each letters of L, R, A, P, H and F
+    (PS3.3 C.7.6.1.1.1); anything else is left out of the SEG, where the attribute may be empty."""
+    values = [str(item).strip() for item in value] if value is not None and not isinstance(value, str) else []
+    return len(values) == 2 and all(item and set(item) <= set("LRAPHF") for item in values)
 
 
 def _has_plane_orientation(seg) -> bool:

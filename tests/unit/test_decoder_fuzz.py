@@ -1,13 +1,18 @@
 """Seeded mutation-fuzzing runs of the upload decoders, in a child process so that a native
 decoder aborting the process (as GDCM did, see test_dicom_files.py) fails this test instead of
-killing the test run. ``python tests/fuzz_decoders.py --iterations 20000 --seed N`` runs more."""
+killing the test run. ``python tests/fuzz_decoders.py --iterations 20000 --seed N`` runs more
+(``--target seg --validate`` for the DICOM SEG path)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "fuzz_decoders.py"
 REPO_ROOT = SCRIPT.parents[1]
@@ -44,3 +49,29 @@ def test_mutated_correction_masks_decode_or_are_a_4xx():
     assert report["target"] == "mask" and report["seed_files"] == 6
     assert report["findings"] == []
     assert report["decoded"] > 50 and report["4xx"] > 500
+
+
+def test_dicom_headers_with_bad_values_get_a_valid_seg_or_a_4xx():
+    # Found this way: a NumberOfFrames above the compressed data's fragments (a 500 from the SEG's
+    # frame array), a Modality starting with a digit and an empty SpecificCharacterSet (highdicom
+    # refused the SEG), missing pixel attributes, and SEGs failing the validator on copied
+    # PatientOrientation, LossyImageCompression, PatientIdentityRemoved, clinical-trial and
+    # SliceThickness values.
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy (Debian's dicom3tools) is not installed; scripts/test.sh installs it")
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--target", "seg", "--iterations", "800", "--seed", "2026"]
+        + ["--validate"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["target"] == "seg" and report["seed_files"] > 100
+    assert report["findings"] == []
+    assert report["decoded"] + report["4xx"] + report["unwritable"] == 800
+    assert report["decoded"] > 250 and report["4xx"] > 150  # SEGs built and validated, and refusals

@@ -214,6 +214,24 @@ SEG_SOURCES = {
     "japanese-code-extensions": lambda: _with_header(
         SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"
     ),
+    # Found by fuzzing header values through the SEG path (each failed the validator before):
+    "values-outside-their-enumeration": lambda: _with_header(
+        PatientIdentityRemoved="MAYBE", LossyImageCompression="YES"
+    ),
+    "empty-deidentification-method": lambda: _with_header(DeidentificationMethod="\\"),
+    "invalid-patient-orientation": lambda: _with_header(PatientOrientation="abc"),
+    "incomplete-clinical-trial-subject": lambda: _with_header(ClinicalTrialSponsorName="A" * 70),
+    "complete-clinical-trial-subject": lambda: _with_header(
+        ClinicalTrialSponsorName="Sponsor", ClinicalTrialProtocolID="P-1", ClinicalTrialSubjectID="S-1"
+    ),
+    "latin-1-text-without-character-set": lambda: _with_header(InstitutionName="Clínica Ñuñoa"),
+    "three-pixel-spacings": lambda: _with_spacing(["0.1", "0.1", "0.1"]),
+    "lossy-jpeg-with-an-invalid-method": lambda: with_attributes(
+        _file("SC_rgb_jpeg_dcmtk.dcm"), LossyImageCompression="01", LossyImageCompressionMethod="jpeg"
+    ),
+    "ct-with-unusable-slice-thickness": lambda: with_attributes(_file("CT_small.dcm"), SliceThickness="NaN"),
+    "modality-starting-with-a-digit": lambda: _with_header(Modality="0"),
+    "empty-character-set": lambda: _with_header(SpecificCharacterSet=""),
     "frame-of-reference-without-position": lambda: _with_header(FrameOfReferenceUID="1.2.3.4"),
     "cine-frame-of-reference-without-position": lambda: _with_header(frames=3, FrameOfReferenceUID="1.2.3.4"),
 }
@@ -383,6 +401,35 @@ def test_a_source_with_too_many_frames_for_a_patient_space_seg_gets_a_valid_imag
     frame = pydicom.dcmread(io.BytesIO(content)).PerFrameFunctionalGroupsSequence[0]
     assert "PlanePositionSequence" not in frame
     assert int(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) == 2
+
+
+MISSING_PIXEL_ATTRIBUTES = ["SamplesPerPixel", "BitsStored", "PixelRepresentation", "PlanarConfiguration"]
+
+
+@pytest.mark.parametrize(
+    "name", ["SC_rgb.dcm", "US1_J2KR.dcm", "CT_small.dcm", "SC_rgb_rle_32bit_2frame.dcm"]
+)
+@pytest.mark.parametrize(
+    "missing", [[keyword] for keyword in MISSING_PIXEL_ATTRIBUTES] + [MISSING_PIXEL_ATTRIBUTES]
+)
+def test_a_missing_pixel_attribute_the_header_implies_is_assumed(name, missing):
+    # Found by fuzzing header values: each was a 422 "truncated or inconsistent (AttributeError)".
+    expected = decode_image(_file(name)).pixels
+    decoded = decode_image(with_attributes(_file(name), **dict.fromkeys(missing)))
+    np.testing.assert_array_equal(decoded.pixels, expected)
+
+
+@pytest.mark.parametrize(
+    "keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+)
+@pytest.mark.parametrize("value", ["\\", "1.2.3\\1.2.4"])
+def test_a_seg_of_a_source_whose_uid_is_several_values_is_422_naming_it(keyword, value):
+    decoded = decode_image(with_attributes(make_dicom(), **{keyword: value}))
+    mask = np.ones((decoded.height, decoded.width), bool)
+    with pytest.raises(ImageError) as info:
+        build_dicom_seg(decoded, mask, mask, model_version="t")
+    assert info.value.status_code == 422 and f"{keyword} is not one UID" in info.value.detail
+    assert "1.2.3" not in info.value.detail
 
 
 def test_a_planar_configuration_is_only_read_from_colour_data():

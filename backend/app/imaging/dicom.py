@@ -107,6 +107,7 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     if index >= n_frames:
         raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
     syntax = _transfer_syntax(ds)
+    _assume_missing_pixel_attributes(ds, photometric)
     _check_pixel_module(ds, rows * columns, n_frames, syntax, photometric)
 
     try:
@@ -219,6 +220,38 @@ def _check_pixel_module(ds, frame_pixels: int, n_frames: int, syntax, photometri
         raise ImageError(
             "the DICOM pixel data is shorter than Rows × Columns × NumberOfFrames × SamplesPerPixel × "
             "BitsAllocated describe: the file is truncated, or one of those attributes is wrong"
+        )
+
+
+def _assume_missing_pixel_attributes(ds, photometric: str) -> None:
+    """Type-1 Image Pixel attributes some exports leave out, set to the one value the rest of the
+    header implies (pydicom's decoders need them, and would fail with an AttributeError):
+    SamplesPerPixel from the PhotometricInterpretation, BitsStored = BitsAllocated,
+    PixelRepresentation 0 (unsigned), PlanarConfiguration 0 (colour by pixel). For native pixel
+    data the length check that follows still holds the file to what they describe. One log line
+    names the attributes assumed, never a value."""
+    assumed = []
+    if "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = (
+            1 if photometric.startswith("MONOCHROME") or photometric == "PALETTE COLOR" else 3
+        )
+        assumed.append("SamplesPerPixel")
+    if "BitsStored" not in ds:
+        ds.BitsStored = ds.BitsAllocated
+        assumed.append("BitsStored")
+    if "PixelRepresentation" not in ds:
+        ds.PixelRepresentation = 0
+        assumed.append("PixelRepresentation")
+    try:
+        colour = int(ds.SamplesPerPixel) == 3
+    except (TypeError, ValueError):
+        colour = False  # refused by name in _check_pixel_module
+    if colour and "PlanarConfiguration" not in ds:
+        ds.PlanarConfiguration = 0
+        assumed.append("PlanarConfiguration")
+    if assumed:
+        log.info(
+            "DICOM: missing pixel attributes assumed from the rest of the header: %s", ", ".join(assumed)
         )
 
 
@@ -383,9 +416,9 @@ def dicom_pixel_spacing_mm(ds) -> tuple[float, float] | None:
 
 def positive_pair(value) -> tuple[float, float] | None:
     """Two positive finite numbers from a spacing attribute's value, else ``None`` (missing,
-    malformed, one value, zero, negative or NaN: treated as no spacing at all)."""
+    malformed, one value or three, zero, negative or NaN: treated as no spacing at all)."""
     try:
-        if value is None or len(value) < 2:
+        if value is None or isinstance(value, str) or len(value) != 2:
             return None
         row, col = float(value[0]), float(value[1])
     except (TypeError, ValueError):
