@@ -133,26 +133,6 @@ def _blank_if_invalid(element) -> bool:
     return False
 
 
-#: Transfer syntaxes whose pixel data has been through lossy compression (JPEG 2000 and HTJ2K
-#: may be lossless too, so they are not listed: the value is then left to highdicom's default).
-_LOSSY_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-        "1.2.840.10008.1.2.4.100",  # MPEG2 and later video syntaxes
-        "1.2.840.10008.1.2.4.101",
-        "1.2.840.10008.1.2.4.102",
-        "1.2.840.10008.1.2.4.103",
-        "1.2.840.10008.1.2.4.104",
-        "1.2.840.10008.1.2.4.105",
-        "1.2.840.10008.1.2.4.106",
-        "1.2.840.10008.1.2.4.107",
-        "1.2.840.10008.1.2.4.108",
-    }
-)
-
-
 #: LossyImageCompressionMethod (PS3.3 C.7.6.1.1.5) of the compressed transfer syntaxes.
 _LOSSY_METHODS = {
     "1.2.840.10008.1.2.4.50": "ISO_10918_1",
@@ -163,6 +143,9 @@ _LOSSY_METHODS = {
     **{f"1.2.840.10008.1.2.4.{n}": "ISO_14496_10" for n in (102, 103, 104, 105, 106)},
     **{f"1.2.840.10008.1.2.4.{n}": "ISO_23008_2" for n in (107, 108)},
 }
+#: The syntaxes whose pixel data has been through lossy compression: all of the above but JPEG
+#: 2000, which may be lossless too (the LossyImageCompression is then left to highdicom's 00).
+_LOSSY_SYNTAXES = frozenset(_LOSSY_METHODS) - {"1.2.840.10008.1.2.4.91"}
 
 
 def _enumerated_values(view) -> list[str]:
@@ -198,8 +181,8 @@ def _enumerated_values(view) -> list[str]:
                 raise ValueError("empty")
             for value in values:
                 validate_value(vr, str(value), config.RAISE)
-            if vr == "DS":
-                [float(value) for value in values]
+                if vr == "DS":
+                    float(value)  # a DS string that is no number raises
         except (ValueError, TypeError, OverflowError):
             del view[keyword]
             changed.append(keyword)
