@@ -282,9 +282,30 @@ def test_pixel_spacing_sources():
     assert spacing == pytest.approx((0.3, 0.2))  # (row = ΔY, column = ΔX) in mm
     assert decode_image(make_dicom()).pixel_spacing_mm is None
     # A malformed spacing counts as none (no area in mm²), never as an error.
-    for bad in (["NaN", "0.1"], ["0.1"], ["0", "0"], ["-1", "0.1"]):
+    for bad in (
+        ["NaN", "0.1"],
+        ["0.1"],
+        ["0", "0"],
+        ["-1", "0.1"],
+        ["0.1"] * 3,
+        ["1e300", "1e300"],
+        ["inf", "1"],
+    ):
         data = with_attributes(make_dicom(pixel_spacing=(0.1, 0.1)), PixelSpacing=bad)
         assert decode_image(data).pixel_spacing_mm is None, bad
+    # An absurd spacing is no spacing, and the ultrasound regions are read instead.
+    data = with_attributes(make_dicom(us_regions_cm=(0.02, 0.03)), PixelSpacing=["1e300", "1e300"])
+    assert decode_image(data).pixel_spacing_mm == pytest.approx((0.3, 0.2))
+
+
+@pytest.mark.parametrize("delta", [float("inf"), float("nan"), 1e300, 0.0, -0.0])
+def test_an_ultrasound_region_of_absurd_size_is_no_spacing(delta):
+    # An infinite PhysicalDeltaX came back as pixel_spacing_mm [0.1, null], 1e300 as a null area.
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(us_regions_cm=(0.01, 0.01))))
+    ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaX = delta
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    assert decode_image(buffer.getvalue()).pixel_spacing_mm is None
 
 
 def test_dicom_without_preamble_hint():

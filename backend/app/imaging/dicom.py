@@ -409,20 +409,28 @@ def dicom_pixel_spacing_mm(ds) -> tuple[float, float] | None:
             except (TypeError, ValueError):
                 continue
             # Code 3 = cm (PS3.3 C.8.5.5.1.15); convert to mm.
-            if units_x == 3 and units_y == 3 and delta_x > 0 and delta_y > 0:
+            if units_x == 3 and units_y == 3 and _plausible_spacing(delta_y * 10.0, delta_x * 10.0):
                 return (delta_y * 10.0, delta_x * 10.0)
     return None
 
 
+#: Largest pixel spacing taken as real (mm): a metre per pixel is far beyond any image, and the
+#: bound keeps an area in mm² finite (a spacing of 1e300 or inf once came back as a null area).
+MAX_PIXEL_SPACING_MM = 1000.0
+
+
+def _plausible_spacing(row: float, col: float) -> bool:
+    return all(np.isfinite(value) and 0 < value <= MAX_PIXEL_SPACING_MM for value in (row, col))
+
+
 def positive_pair(value) -> tuple[float, float] | None:
-    """Two positive finite numbers from a spacing attribute's value, else ``None`` (missing,
-    malformed, one value or three, zero, negative or NaN: treated as no spacing at all)."""
+    """Two positive finite numbers up to :data:`MAX_PIXEL_SPACING_MM` from a spacing attribute's
+    value, else ``None`` (missing, malformed, one value or three, zero, negative, NaN, infinite or
+    absurdly large: treated as no spacing at all)."""
     try:
         if value is None or isinstance(value, str) or len(value) != 2:
             return None
         row, col = float(value[0]), float(value[1])
     except (TypeError, ValueError):
         return None
-    if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
-        return (row, col)
-    return None
+    return (row, col) if _plausible_spacing(row, col) else None
