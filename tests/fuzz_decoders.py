@@ -96,7 +96,8 @@ def dicom_seeds() -> list[tuple[str, bytes]]:
 
 
 #: Header attributes a SEG copies from its source or reads to place it (patient, study, series,
-#: geometry, frames, character set, de-identification, compression, clinical trial).
+#: geometry, frames, character set, de-identification, compression, clinical trial), and those
+#: decoding reads (the pixel module, the modality and VOI transforms, the palette).
 HEADER_KEYWORDS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize",
     "PatientWeight", "OtherPatientIDs", "IssuerOfPatientID", "PatientIdentityRemoved",
@@ -113,6 +114,10 @@ HEADER_KEYWORDS = (
     "DimensionOrganizationSequence", "ImageType", "Laterality", "ImageLaterality",
     "BodyPartExamined", "LossyImageCompression", "LossyImageCompressionRatio",
     "LossyImageCompressionMethod", "BurnedInAnnotation", "AnatomicRegionSequence",
+    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "SamplesPerPixel", "PlanarConfiguration", "PhotometricInterpretation", "WindowCenter",
+    "WindowWidth", "VOILUTFunction", "VOILUTSequence", "RescaleSlope", "RescaleIntercept",
+    "RescaleType", "ModalityLUTSequence", "RedPaletteColorLookupTableDescriptor",
 )  # fmt: skip
 #: Values of the wrong form for most of them: empty, separators, out of range, wrong kind, too
 #: long, bytes beyond ASCII, character-set terms, enumerated values of other attributes.
@@ -121,6 +126,16 @@ BAD_VALUES = (
     "19991399", "99xx", "\u00ff\u00ff", "A" * 70, "1.2.3", "0.0.0", "-0.5\\0.5", "1\\0\\0\\0\\1\\0",
     "YES", "NO", "01", "ISO_IR 100", "ISO_IR 192", "\\ISO 2022 IR 87", "ISO 2022 IR 13",
 )  # fmt: skip
+
+
+#: Integers of the wrong size for the pixel module's binary attributes.
+BAD_INTEGERS = (0, 1, 2, 3, 7, 12, 16, 17, 33, 255, 65535)
+
+
+def tag_keyword(tag) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or ""
 
 
 def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
@@ -141,6 +156,13 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
             vr = dictionary_VR(tag)
             if vr == "SQ":
                 value = pydicom.Sequence([pydicom.Dataset() for _ in range(rng.randint(0, 2))])
+            elif vr in ("US", "SS", "UL", "SL", "US or SS", "US or SS or OW"):
+                value = rng.choice(BAD_INTEGERS)
+                if "PaletteColorLookupTableDescriptor" in tag_keyword(tag):
+                    value = [value, rng.choice(BAD_INTEGERS), rng.choice((8, 16, 0, 33))]
+                vr = "US" if vr.startswith("US") else vr
+            elif vr in ("FD", "FL"):
+                value = rng.choice((float("nan"), float("inf"), -1.0, 0.0, 1e300))
             elif vr == "UI":
                 # Blank or several values, which a SEG cannot reference (a 422); one UID of an odd
                 # form is referenced as it is, so the validator's objections to it are the source's.

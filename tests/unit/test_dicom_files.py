@@ -432,6 +432,25 @@ def test_a_seg_of_a_source_whose_uid_is_several_values_is_422_naming_it(keyword,
     assert "1.2.3" not in info.value.detail
 
 
+@pytest.mark.parametrize("keyword", ["ModalityLUTSequence", "VOILUTSequence"])
+def test_a_lut_sequence_without_its_lut_is_skipped(keyword):
+    # Found by fuzzing header values: an item without LUTDescriptor was a vague 422 (AttributeError).
+    expected = decode_image(_file("MR_small.dcm")).pixels
+    data = with_attributes(_file("MR_small.dcm"), **{keyword: pydicom.Sequence([pydicom.Dataset()])})
+    assert decode_image(data).pixels.shape == expected.shape
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"GreenPaletteColorLookupTableData": None}, {"RedPaletteColorLookupTableDescriptor": [7, 12, 0]}],
+    ids=["data-missing", "descriptor-invalid"],
+)
+def test_a_broken_palette_is_422_naming_it(change):
+    with pytest.raises(ImageError) as info:
+        decode_image(with_attributes(_file("examples_palette.dcm"), **change))
+    assert info.value.status_code == 422 and "palette is missing or invalid" in info.value.detail
+
+
 def test_a_planar_configuration_is_only_read_from_colour_data():
     gray = with_attributes(make_dicom(), PlanarConfiguration=7)
     assert decode_image(gray).pixels.shape == (48, 64)  # gray: ignored

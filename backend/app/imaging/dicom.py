@@ -115,10 +115,9 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
         if n_frames > 1 and array.ndim >= 3 and array.shape[0] == 1 and array.shape[1:3] != (rows, columns):
             array = array[0]
         if array.shape[:2] != (rows, columns):
-            raise ValueError("unexpected pixel array shape")
+            raise ImageError("the DICOM pixel data does not match Rows and Columns (a frame of another size)")
         if photometric == "PALETTE COLOR":
-            array = apply_color_lut(array, ds)
-            array = to_uint8_rgb(array)
+            array = to_uint8_rgb(_palette(array, ds, apply_color_lut))
         elif array.ndim == 3:
             # RGB (YBR_* are converted to RGB by pydicom's decoder).
             array = to_uint8_rgb(array[..., :3])
@@ -370,12 +369,24 @@ def _apply_gray_luts(array: np.ndarray, ds, index: int, apply_modality_lut, appl
     return np.asarray(result, dtype=np.float32)
 
 
+def _palette(array: np.ndarray, ds, apply_color_lut) -> np.ndarray:
+    """The PALETTE COLOR frame as RGB; a palette without which the image cannot be shown is a 422
+    naming its attributes."""
+    try:
+        return apply_color_lut(array, ds)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        raise ImageError(
+            "the DICOM palette is missing or invalid (Red/Green/BluePaletteColorLookupTableDescriptor "
+            "and …Data, or SegmentedRed/Green/BluePaletteColorLookupTableData)"
+        ) from None
+
+
 def _lut_or_skip(values: np.ndarray, apply, name: str) -> np.ndarray:
     try:
         with np.errstate(all="ignore"):  # overflow and NaN are checked below, not warned about
             result = np.asarray(apply(values), dtype=np.float32)
-    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError):
-        result = None
+    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError, AttributeError):
+        result = None  # AttributeError: a LUT sequence whose item lacks its descriptor or data
     if result is None or result.shape != values.shape or not np.isfinite(result).all():
         log.info("DICOM %s skipped: its attributes are outside the standard", name)
         return np.asarray(values, dtype=np.float32)
