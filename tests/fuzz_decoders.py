@@ -149,11 +149,29 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
         ds = pydicom.dcmread(io.BytesIO(data))
         for _ in range(rng.randint(1, 4)):
             present = [e for e in ds if e.tag != 0x7FE00010 and e.tag.group != 0x0002]
-            if present and rng.random() < 0.25:
+            choice = rng.random()
+            if present and choice < 0.2:
                 del ds[rng.choice(present).tag]
                 continue
-            tag = tag_for_keyword(rng.choice(HEADER_KEYWORDS))
-            vr = dictionary_VR(tag)
+            target = ds
+            if choice < 0.35:  # a value inside a sequence item (ultrasound regions, functional groups)
+                items = [item for e in ds.iterall() if e.VR == "SQ" for item in e.value]
+                if items:
+                    target = rng.choice(items)
+                    inner = [e for e in target if e.VR != "SQ"]
+                    if inner and rng.random() < 0.3:
+                        del target[rng.choice(inner).tag]
+                        continue
+                    tag = rng.choice(inner).tag if inner else tag_for_keyword(rng.choice(HEADER_KEYWORDS))
+            if target is ds:
+                tag = tag_for_keyword(rng.choice(HEADER_KEYWORDS))
+            vr = (
+                dictionary_VR(tag)
+                if target is ds
+                else target[tag].VR
+                if tag in target
+                else dictionary_VR(tag)
+            )
             if vr == "SQ":
                 value = pydicom.Sequence([pydicom.Dataset() for _ in range(rng.randint(0, 2))])
             elif vr in ("US", "SS", "UL", "SL", "US or SS", "US or SS or OW"):
@@ -163,13 +181,15 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
                 vr = "US" if vr.startswith("US") else vr
             elif vr in ("FD", "FL"):
                 value = rng.choice((float("nan"), float("inf"), -1.0, 0.0, 1e300))
+            elif vr in ("AT", "OB", "OW", "OF", "OD", "OL", "UN"):
+                value = b"\x00\x01"  # binary: two odd bytes
             elif vr == "UI":
                 # Blank or several values, which a SEG cannot reference (a 422); one UID of an odd
                 # form is referenced as it is, so the validator's objections to it are the source's.
                 value = rng.choice(("", " ", "\\", "1.2.3\\1.2.4"))
             else:
                 value = rng.choice(BAD_VALUES)
-            ds.add(DataElement(tag, vr, value))
+            target.add(DataElement(tag, vr, value))
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=False)
     except Exception:  # noqa: BLE001 - a value pydicom will not write is no upload

@@ -9,7 +9,8 @@ header in which
 
 * every top-level text attribute whose value is not valid for its value representation, or that
   holds several values where the dictionary allows one, is left empty (UIDs are never touched:
-  the SEG must reference the source by them, as they are);
+  the SEG must reference the source by them, as they are), and a sequence holding such a value at
+  any depth is removed (:func:`_invalid_sequences`);
 * the type-2 attributes highdicom reads unconditionally are present (empty when the source has
   none), and a PatientSex other than M, F or O is empty;
 * a SpecificCharacterSet highdicom does not take as it is (unknown terms, ``ISO_IR 6``, code
@@ -61,6 +62,7 @@ def seg_ready(source):
     valid SEG from; the original is left as it is."""
     view = copy.deepcopy(source)
     changed = [element.keyword or str(element.tag) for element in list(view) if _blank_if_invalid(element)]
+    changed += _invalid_sequences(view)
     for keyword in REQUIRED_TYPE_2:
         if keyword not in view:
             setattr(view, keyword, None)
@@ -102,17 +104,27 @@ def seg_ready(source):
 
 def _blank_if_invalid(element) -> bool:
     """Empty ``element`` when one of its values is invalid for its VR; whether it was."""
+    if _invalid(element):
+        element.value = None
+        return True
+    return False
+
+
+def _invalid(element) -> bool:
+    """Whether a text ``element`` holds a value invalid for its VR, or several values where the
+    dictionary allows one (e.g. a backslash inside a StudyDescription). The pixel module (group
+    0028, validated by decoding), SpecificCharacterSet and ImagerPixelSpacing are judged on their
+    own."""
     from pydicom import config
     from pydicom.valuerep import DA, DT, TM, validate_value
 
     if element.VR not in _TEXT_VRS or element.tag.group in (0x0002, 0x0028) or element.is_empty:
         return False
     if element.keyword in ("SpecificCharacterSet", "ImagerPixelSpacing"):
-        return False  # handled on their own (PixelSpacing is in group 0028, skipped above)
-    values = element.value if element.VM > 1 else [element.value]
+        return False
     if element.VM > 1 and _single_valued(element.tag):
-        element.value = None  # e.g. a backslash inside a StudyDescription: two values where one is allowed
         return True
+    values = element.value if element.VM > 1 else [element.value]
     try:
         for value in values:
             if value is None or value == "":
@@ -128,8 +140,53 @@ def _blank_if_invalid(element) -> bool:
             elif element.VR == "IS" and not -_IS_RANGE <= int(float(text)) <= _IS_RANGE:
                 raise ValueError("IS out of range")
     except (ValueError, TypeError, OverflowError):
-        element.value = None
         return True
+    return False
+
+
+#: Groups whose sequences are not checked here: file meta, the pixel module (LUTs, palettes:
+#: decoding's), the functional groups (highdicom reads their geometry, judged in dicom_seg).
+_UNCHECKED_SEQUENCE_GROUPS = (0x0002, 0x0028, 0x5200)
+#: Items of these sequences need these attributes with a value (the Patient module's
+#: Other Patient IDs: PatientID and TypeOfPatientID, both type 1).
+_ITEM_REQUIRED = {"OtherPatientIDsSequence": ("PatientID", "TypeOfPatientID")}
+
+
+def _invalid_sequences(view) -> list[str]:
+    """Top-level sequences that highdicom may copy into the SEG (patient, study, series) in
+    which any value, however deep, is invalid for its VR are removed whole (they are optional
+    there, and an item cannot be mended without knowing its macro); items of a sequence in
+    :data:`_ITEM_REQUIRED` without their required values are dropped."""
+    removed = []
+    for element in list(view):
+        if element.VR != "SQ" or element.tag.group in _UNCHECKED_SEQUENCE_GROUPS:
+            continue
+        required = _ITEM_REQUIRED.get(element.keyword, ())
+        items = [item for item in element.value if all(not _blank(item.get(k)) for k in required)]
+        if len(items) != len(element.value) or any(_holds_invalid(item) for item in items):
+            if items and not any(_holds_invalid(item) for item in items):
+                element.value = items
+            else:
+                del view[element.tag]
+            removed.append(element.keyword or str(element.tag))
+    return removed
+
+
+def _holds_invalid(item) -> bool:
+    """Whether a sequence item holds an invalid value at any depth, or is an incomplete coded
+    entry (PS3.3 8.8: CodeMeaning, a code value and, but for a URN code, its scheme)."""
+    codes = ("CodeValue", "LongCodeValue", "URNCodeValue")
+    if any(keyword in item for keyword in (*codes, "CodeMeaning")):
+        if _blank(item.get("CodeMeaning")) or all(_blank(item.get(keyword)) for keyword in codes):
+            return True
+        if _blank(item.get("URNCodeValue")) and _blank(item.get("CodingSchemeDesignator")):
+            return True
+    for element in item:
+        if element.VR == "SQ":
+            if any(_holds_invalid(inner) for inner in element.value):
+                return True
+        elif _invalid(element):
+            return True
     return False
 
 

@@ -230,6 +230,17 @@ SEG_SOURCES = {
         _file("SC_rgb_jpeg_dcmtk.dcm"), LossyImageCompression="01", LossyImageCompressionMethod="jpeg"
     ),
     "ct-with-unusable-slice-thickness": lambda: with_attributes(_file("CT_small.dcm"), SliceThickness="NaN"),
+    # ... and inside sequence items that highdicom copies (CT_small's Other Patient IDs, the
+    # procedure codes of a JPEG Lossless file written by a scanner):
+    "other-patient-id-of-an-invalid-type": lambda: _with_item(
+        "CT_small.dcm", "OtherPatientIDsSequence", TypeOfPatientID="-1"
+    ),
+    "other-patient-id-without-its-id": lambda: _with_item(
+        "CT_small.dcm", "OtherPatientIDsSequence", PatientID=None
+    ),
+    "code-without-its-scheme": lambda: _with_item(
+        "JPGLosslessP14SV1_1s_1f_8b.dcm", "ProcedureCodeSequence", CodingSchemeDesignator=None
+    ),
     "modality-starting-with-a-digit": lambda: _with_header(Modality="0"),
     "empty-character-set": lambda: _with_header(SpecificCharacterSet=""),
     "frame-of-reference-without-position": lambda: _with_header(FrameOfReferenceUID="1.2.3.4"),
@@ -240,6 +251,21 @@ SEG_SOURCES = {
 def _with_header(frames: int = 1, **attributes) -> bytes:
     """A synthetic ultrasound file with these header attributes set (None: removed)."""
     return with_attributes(make_dicom(frames=frames), **attributes)
+
+
+def _with_item(name: str, sequence: str, **attributes) -> bytes:
+    """Toolkit file ``name`` with these attributes set (None: removed) in the first item of
+    its ``sequence``."""
+    ds = pydicom.dcmread(io.BytesIO(_file(name)))
+    item = ds[sequence].value[0]
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(item, keyword)
+        else:
+            setattr(item, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    return buffer.getvalue()
 
 
 def _with_spacing(value: list[str]) -> bytes:
