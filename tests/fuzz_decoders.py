@@ -153,25 +153,17 @@ def mutate_header(data: bytes, rng: random.Random) -> bytes | None:
             if present and choice < 0.2:
                 del ds[rng.choice(present).tag]
                 continue
-            target = ds
-            if choice < 0.35:  # a value inside a sequence item (ultrasound regions, functional groups)
-                items = [item for e in ds.iterall() if e.VR == "SQ" for item in e.value]
-                if items:
-                    target = rng.choice(items)
-                    inner = [e for e in target if e.VR != "SQ"]
-                    if inner and rng.random() < 0.3:
-                        del target[rng.choice(inner).tag]
-                        continue
-                    tag = rng.choice(inner).tag if inner else tag_for_keyword(rng.choice(HEADER_KEYWORDS))
-            if target is ds:
-                tag = tag_for_keyword(rng.choice(HEADER_KEYWORDS))
-            vr = (
-                dictionary_VR(tag)
-                if target is ds
-                else target[tag].VR
-                if tag in target
-                else dictionary_VR(tag)
-            )
+            target, tag = ds, tag_for_keyword(rng.choice(HEADER_KEYWORDS))
+            items = [item for e in ds.iterall() if e.VR == "SQ" for item in e.value if len(item)]
+            if items and choice < 0.35:  # inside a sequence item (ultrasound regions, codes, groups)
+                target = rng.choice(items)
+                inner = [e for e in target if e.VR != "SQ"]
+                if inner and rng.random() < 0.3:
+                    del target[rng.choice(inner).tag]
+                    continue
+                if inner:
+                    tag = rng.choice(inner).tag
+            vr = target[tag].VR if tag in target else dictionary_VR(tag)
             if vr == "SQ":
                 value = pydicom.Sequence([pydicom.Dataset() for _ in range(rng.randint(0, 2))])
             elif vr in ("US", "SS", "UL", "SL", "US or SS", "US or SS or OW"):
