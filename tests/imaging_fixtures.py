@@ -134,15 +134,17 @@ def make_dicom(
     return _to_bytes(ds)
 
 
-def with_attributes(data: bytes, **attributes) -> bytes:
-    """The DICOM file ``data`` with these top-level attributes set (``None``: removed)."""
+def with_attributes(data: bytes, *, item_of: str | None = None, **attributes) -> bytes:
+    """The DICOM file ``data`` with these attributes set (``None``: removed): top-level ones, or
+    those of the first item of the sequence ``item_of``."""
     ds = pydicom.dcmread(io.BytesIO(data))
+    target = ds if item_of is None else ds[item_of].value[0]
     for keyword, value in attributes.items():
         if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
+            if keyword in target:
+                delattr(target, keyword)
         else:
-            setattr(ds, keyword, value)
+            setattr(target, keyword, value)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=False)
     return buffer.getvalue()

@@ -18,14 +18,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "fuzz_decoders.py"
 REPO_ROOT = SCRIPT.parents[1]
 
 
-def test_mutated_uploads_decode_or_are_a_4xx_and_never_kill_the_process():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--iterations", "1500", "--seed", "2026"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
+def _fuzz(*args: str) -> subprocess.CompletedProcess:
+    """The fuzzer run with these arguments in a child process, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
     )
+
+
+def test_mutated_uploads_decode_or_are_a_4xx_and_never_kill_the_process():
+    result = _fuzz("--iterations", "1500", "--seed", "2026")
     last_case = [line for line in result.stderr.splitlines() if line.startswith("case ")][-1:]
     assert result.returncode == 0, f"the decoder process died (code {result.returncode}) at {last_case}"
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,13 +38,7 @@ def test_mutated_uploads_decode_or_are_a_4xx_and_never_kill_the_process():
 
 def test_mutated_correction_masks_decode_or_are_a_4xx():
     # Found this way: a mask whose header declares a huge canvas was a 500 (Pillow's bomb guard).
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--target", "mask", "--iterations", "1500", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    result = _fuzz("--target", "mask", "--iterations", "1500", "--seed", "7")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["target"] == "mask" and report["seed_files"] == 6
@@ -61,14 +56,7 @@ def test_dicom_headers_with_bad_values_get_a_valid_seg_or_a_4xx():
         if os.environ.get("CI"):
             pytest.fail("dciodvfy (Debian's dicom3tools) is not installed; scripts/test.sh installs it")
         pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--target", "seg", "--iterations", "800", "--seed", "2026"]
-        + ["--validate"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO_ROOT,
-    )
+    result = _fuzz("--target", "seg", "--iterations", "800", "--seed", "2026", "--validate")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["target"] == "seg" and report["seed_files"] > 100

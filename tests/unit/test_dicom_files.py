@@ -256,16 +256,7 @@ def _with_header(frames: int = 1, **attributes) -> bytes:
 def _with_item(name: str, sequence: str, **attributes) -> bytes:
     """Toolkit file ``name`` with these attributes set (None: removed) in the first item of
     its ``sequence``."""
-    ds = pydicom.dcmread(io.BytesIO(_file(name)))
-    item = ds[sequence].value[0]
-    for keyword, value in attributes.items():
-        if value is None:
-            delattr(item, keyword)
-        else:
-            setattr(item, keyword, value)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=False)
-    return buffer.getvalue()
+    return with_attributes(_file(name), item_of=sequence, **attributes)
 
 
 def _with_spacing(value: list[str]) -> bytes:
