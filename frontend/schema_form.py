@@ -34,6 +34,7 @@ GENERAL = "general"
 SECTION_TITLES = {
     "data": "Data and split",
     "transunet": "TransUNet architecture",
+    "tinyvit": "TinyViT coarse architecture (coarse model tinyvit)",
     "refiner": "Refiner (backbone and prompts)",
     "coarse": "Phase 1: coarse segmenter training",
     "augment": "Phase 2a: mask augmentation",

@@ -35,6 +35,7 @@ app = typer.Typer(help="UltraRefiner Studio: train, evaluate, export and serve."
 SECTION_PREFIX = {
     "data": "data",
     "transunet": "transunet",
+    "tinyvit": "tinyvit",
     "refiner": "refiner",
     "coarse": "coarse",
     "augment": "augment",
@@ -43,7 +44,17 @@ SECTION_PREFIX = {
     "finetune": "finetune",
 }
 #: Fields whose bare name would mislead (``--augment`` looks like the phase): always prefixed.
-ALWAYS_PREFIXED = {("refiner", "checkpoint"), ("refiner", "pretrained"), ("coarse", "augment")}
+ALWAYS_PREFIXED = {
+    ("refiner", "checkpoint"),
+    ("refiner", "pretrained"),
+    ("coarse", "augment"),
+    ("coarse", "optimizer"),
+    ("coarse", "precision"),
+    ("coarse", "pretrained_lr_scale"),
+}
+#: Sections whose flags are always prefixed and leave the bare names to the others
+#: (``--tinyvit-img-size`` beside TransUNet's ``--img-size``).
+PREFIXED_SECTIONS = {"tinyvit"}
 #: Fields set otherwise: ``transunet.name`` by ``--config``.
 NOT_FLAGS = {("transunet", "name")}
 #: Top-level fields with their own options (``config_name`` → ``--config``, ``phases`` → argument).
@@ -153,14 +164,18 @@ def config_flags() -> list[ConfigFlag]:
             if (section, name) not in NOT_FLAGS:
                 fields.append((section, name, field))
     counts: dict[str, int] = {}
-    for _, name, _ in fields:
-        counts[name] = counts.get(name, 0) + 1
+    for section, name, _ in fields:
+        if section not in PREFIXED_SECTIONS:
+            counts[name] = counts.get(name, 0) + 1
     flags: list[ConfigFlag] = []
     seen = set(RESERVED_FLAGS)
     for section, name, field in fields:
         bare = "--" + name.replace("_", "-")
         qualified = section is not None and (
-            counts[name] > 1 or (section, name) in ALWAYS_PREFIXED or bare in RESERVED_FLAGS
+            section in PREFIXED_SECTIONS
+            or counts[name] > 1
+            or (section, name) in ALWAYS_PREFIXED
+            or bare in RESERVED_FLAGS
         )
         flag = f"--{SECTION_PREFIX[section]}-{name.replace('_', '-')}" if qualified else bare
         if flag in seen:
@@ -185,6 +200,7 @@ SECTION_PANEL = {
     None: "Run",
     "data": "Data",
     "transunet": "TransUNet architecture",
+    "tinyvit": "TinyViT coarse architecture (--coarse-model tinyvit)",
     "refiner": "Refiner and prompts",
     "coarse": "Phase 1: coarse",
     "augment": "Phase 2a: mask augmentation",

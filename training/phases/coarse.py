@@ -31,7 +31,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from training.checkpoints import initial_coarse_state, load_checkpoint, save_checkpoint
 from training.config import CoarseTrainConfig
 from training.evaluate import image_record, summarize
-from training.modeling.coarse_registry import build_coarse, load_coarse_pretrained
+from training.modeling.coarse_registry import build_coarse, coarse_param_groups, load_coarse_pretrained
 from training.modeling.lesion_filter import drop_tiny_masks_from_logits, drop_tiny_masks_from_probs
 from training.modeling.losses import coarse_loss
 from training.phases.context import (
@@ -231,12 +231,13 @@ class CoarseFold(LoopPhase):
             load_coarse_pretrained(self.model, cfg)
         self.start_is_candidate = initial is not None
         self.model.to(ctx.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=train_cfg.lr,
-            momentum=train_cfg.momentum,
-            weight_decay=train_cfg.weight_decay,
-        )
+        groups = coarse_param_groups(self.model, cfg)
+        if train_cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(
+                groups, lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
+            )
         steps_per_epoch = math.ceil(len(self.train_items) / train_cfg.batch_size)
         self.schedule = StepSchedule(
             self.optimizer, train_cfg.epochs * steps_per_epoch, kind="poly", power=train_cfg.poly_power
@@ -288,8 +289,11 @@ class CoarseFold(LoopPhase):
         if self.train_cfg.augment:
             generator = step_generator(self.cfg.data.seed, 100 + self.fold, epoch, step)
             images, targets = augment_coarse_batch(images, targets, generator, self.train_cfg)
-        logits = self.model(images)
-        loss = coarse_loss(logits, targets, self.train_cfg.ce_weight, self.train_cfg.dice_weight)
+        with torch.autocast(
+            device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=self.train_cfg.precision == "bf16"
+        ):
+            logits = self.model(images)
+        loss = coarse_loss(logits.float(), targets, self.train_cfg.ce_weight, self.train_cfg.dice_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -8,7 +8,7 @@ section models, constraints, defaults and descriptions — so the admin UI's for
   ``epochs`` of every training phase that does not set its own), ``config_name``, ``phases``,
   ``device``;
 * one optional section per :class:`~training.config.TrainingConfig` section (``data``,
-  ``transunet``, ``refiner``, ``coarse``, ``augment``, ``refiner_train``, ``end_to_end``,
+  ``transunet``, ``tinyvit``, ``refiner``, ``coarse``, ``augment``, ``refiner_train``, ``end_to_end``,
   ``finetune``).
   Only the fields a client sends are applied; the rest keep their defaults. ``transunet``
   fields override the architecture named by ``config_name`` (compact or full), not the class
@@ -41,6 +41,7 @@ from training.config import (
     Phase,
     RefinerConfig,
     RefinerTrainConfig,
+    TinyViTCoarseConfig,
     TrainingConfig,
     TransUNetConfig,
 )
@@ -49,7 +50,7 @@ _TOP = TrainingConfig.model_fields
 _DATA = DataConfig.model_fields
 #: Sections whose ``epochs`` the top-level ``epochs`` shortcut sets.
 EPOCH_SECTIONS = ("coarse", "refiner_train", "end_to_end")
-SECTIONS = ("data", "refiner", "coarse", "augment", "refiner_train", "end_to_end", "finetune")
+SECTIONS = ("data", "tinyvit", "refiner", "coarse", "augment", "refiner_train", "end_to_end", "finetune")
 
 
 class TransUNetOverrides(TransUNetConfig):
@@ -127,6 +128,10 @@ class RunCreate(BaseModel):
         None,
         description="Overrides of the TransUNet architecture named by config_name "
         "(see x-transunet-presets); omitted fields follow the named architecture.",
+    )
+    tinyvit: TinyViTCoarseConfig = Field(
+        default_factory=TinyViTCoarseConfig,
+        description="Architecture of the tinyvit coarse segmenter (used when coarse_model is tinyvit).",
     )
     refiner: RefinerConfig = Field(default_factory=RefinerConfig, description="Refiner and prompts.")
     coarse: CoarseTrainConfig = Field(default_factory=CoarseTrainConfig, description="Phase 1.")
