@@ -81,14 +81,20 @@ def test_every_installed_test_file_decodes_or_is_a_clean_4xx():
     folders = [PYDICOM_FILES] + ([EXTRA_FILES] if EXTRA_FILES is not None else [])
     files = sorted(p for folder in folders for p in folder.glob("*.dcm"))
     assert len(files) > 100
-    decoded = 0
+    decoded, decoded_without_name = 0, 0
     for path in files:
         try:
             decode_image(path.read_bytes(), filename=path.name)
             decoded += 1
         except ImageError as error:
             assert 400 <= error.status_code < 500, path.name
-    assert decoded >= 100
+        try:  # the bytes alone decide: a raw dataset without preamble is recognised too
+            decode_image(path.read_bytes())
+            decoded_without_name += 1
+        except ImageError as error:
+            assert 400 <= error.status_code < 500, path.name
+    assert decoded >= 120
+    assert decoded_without_name == decoded
 
 
 def test_dicom_is_recognised_before_a_tiff_preamble():
@@ -161,6 +167,59 @@ def test_a_file_without_file_meta_decodes_in_the_encoding_it_was_read_in():
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_dataset(buffer, ds)  # no preamble, no file meta
     assert decode_image(buffer.getvalue(), filename="scan.dcm").pixels.shape == (48, 64)
+
+
+def _raw_dataset(data: bytes, *, little: bool, implicit: bool) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = little, implicit
+    write_dataset(buffer, ds)  # the dataset alone: no preamble, no "DICM", no file meta
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "little, implicit",
+    [(True, True), (True, False), (False, False)],
+    ids=["implicit-little", "explicit-little", "explicit-big"],
+)
+def test_a_dataset_without_preamble_is_recognised_by_its_structure(little, implicit):
+    # Written so by older toolkits and PACS caches; uploaded as application/octet-stream under a
+    # name without ".dcm", nothing but the bytes says it is DICOM. (8-bit pixels: pydicom's
+    # write_dataset does not byte-swap OW data, so a 16-bit big-endian copy would be wrong.)
+    part10 = make_dicom()
+    raw = _raw_dataset(part10, little=little, implicit=implicit)
+    assert raw[128:132] != b"DICM"
+    assert sniff_kind(raw) == "dicom"
+    decoded = decode_image(raw, filename="IM000001", content_type="application/octet-stream")
+    assert decoded.kind == "dicom"
+    np.testing.assert_array_equal(decoded.pixels, decode_image(part10).pixels)
+
+
+def test_file_meta_without_preamble_is_recognised():
+    part10 = make_dicom(bits=16)
+    assert sniff_kind(part10[128:]) is None  # "DICM" itself is not a data element
+    headless = part10[132:]  # starts at (0002,0000), explicit VR little endian
+    assert headless[:2] == b"\x02\x00"
+    np.testing.assert_array_equal(decode_image(headless).pixels, decode_image(part10).pixels)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bytes_that_only_start_like_a_dataset_are_refused_cleanly(seed):
+    rng = np.random.default_rng(seed)
+    noise = b"\x08\x00" + rng.bytes(4096)
+    assert sniff_kind(noise) is None
+    with pytest.raises(ImageError) as info:
+        decode_image(noise)
+    assert info.value.status_code == 415
+    # A real dataset cut short: recognised by its first elements, then a clean 4xx, not a 500.
+    truncated = _raw_dataset(make_dicom(), little=True, implicit=True)[: 200 + 40 * seed]
+    assert sniff_kind(truncated) == "dicom"
+    with pytest.raises(ImageError) as info:
+        decode_image(truncated)
+    assert 400 <= info.value.status_code < 500
 
 
 # ----------------------------------------------------------------------------- SEG validation

@@ -97,13 +97,21 @@ class DecodedImage:
         return digest.hexdigest()
 
 
+def has_part10_marker(data: bytes) -> bool:
+    """``DICM`` at offset 128: a DICOM Part 10 file (preamble + file meta)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
 def sniff_kind(data: bytes) -> ImageKind | None:
     """The image kind from the magic bytes, or None.
 
     DICOM is tested first: its 128-byte preamble is free-form and is legally (and commonly, in
-    files written by dcmtk and GDCM) a TIFF header, so ``DICM`` at offset 128 decides.
+    files written by dcmtk and GDCM) a TIFF header, so ``DICM`` at offset 128 decides. A DICOM
+    dataset written without the preamble (older toolkits, ``dcmconv +F``-less exports, PACS
+    caches) has no magic at all; it is recognised last, by its structure
+    (:func:`looks_like_raw_dataset`).
     """
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if has_part10_marker(data):
         return "dicom"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
@@ -113,7 +121,76 @@ def sniff_kind(data: bytes) -> ImageKind | None:
         return "bmp"
     if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return "tiff"
+    if looks_like_raw_dataset(data):
+        return "dicom"
     return None
+
+
+#: Value representations of DICOM PS3.5 (explicit VR), and those with a reserved field and a
+#: 4-byte length.
+_VRS = frozenset(
+    (
+        b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN "
+        b"SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV"
+    ).split()
+)
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def looks_like_raw_dataset(data: bytes, elements: int = 4) -> bool:
+    """Whether ``data`` starts like a DICOM dataset written without the Part 10 preamble.
+
+    The first data element must be in the file-meta group (0002) or the identifying group (0008),
+    where every dataset starts, and the first ``elements`` elements must parse — little-endian
+    implicit or explicit VR, or big-endian explicit VR — with tags strictly ascending and lengths
+    inside the data. Random bytes pass with a probability far below 1e-9; a PNG/JPEG/BMP/TIFF
+    never reaches this test.
+    """
+    if len(data) < 8:
+        return False
+    return any(
+        int.from_bytes(data[:2], order) in (0x0002, 0x0008) and _walks(data, order, explicit, elements)
+        for order, explicit in (("little", True), ("little", False), ("big", True))
+    )
+
+
+def _walks(data: bytes, order: str, explicit: bool, elements: int) -> bool:
+    def uint(start: int, size: int) -> int:
+        return int.from_bytes(data[start : start + size], order)  # type: ignore[arg-type]
+
+    offset, previous, seen = 0, -1, 0
+    first_group = uint(0, 2)
+    while seen < elements:
+        if offset == len(data):
+            return seen >= 2  # a tiny dataset that ended cleanly
+        if offset + 8 > len(data):
+            return False
+        group = uint(offset, 2)
+        tag = (group << 16) | uint(offset + 2, 2)
+        if tag <= previous:
+            return False
+        if first_group == 0x0002 and group != 0x0002:
+            return seen >= 1  # the file meta ended; the dataset may use another encoding
+        if explicit:
+            vr = data[offset + 4 : offset + 6]
+            if vr not in _VRS:
+                return False
+            if vr in _LONG_VRS:
+                if offset + 12 > len(data):
+                    return False
+                length, header = uint(offset + 8, 4), 12
+            else:
+                length, header = uint(offset + 6, 2), 8
+        else:
+            length, header = uint(offset + 4, 4), 8
+        if length == _UNDEFINED_LENGTH:  # a sequence or encapsulated data: not walked into
+            return seen >= 1
+        offset += header + length
+        if offset > len(data):
+            return False
+        previous, seen = tag, seen + 1
+    return True
 
 
 def to_uint8_rgb(array: np.ndarray) -> np.ndarray:

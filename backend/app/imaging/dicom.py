@@ -16,7 +16,7 @@ from backend.app.imaging.base import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    sniff_kind,
+    has_part10_marker,
     to_uint8_rgb,
 )
 
@@ -40,7 +40,7 @@ def read_dicom_header(data: bytes):
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=sniff_kind(data) != "dicom")
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_part10_marker(data))
     except InvalidDicomError:
         raise ImageError("the file is not a valid DICOM Part 10 file") from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
