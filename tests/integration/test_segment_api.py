@@ -279,6 +279,31 @@ def test_dicom_seg_multiframe_references_frame(client, fast_refiner_encoder):
     assert int(derivation.SourceImageSequence[0].ReferencedFrameNumber) == 2
 
 
+def test_a_dicom_dataset_without_preamble_gets_a_seg(client, fast_refiner_encoder):
+    # No "DICM", no file meta, no .dcm name, no DICOM content type: the bytes alone say DICOM.
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    source = pydicom.dcmread(io.BytesIO(make_dicom(pixel_spacing=(0.1, 0.1))))
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, source)
+    raw = buffer.getvalue()
+    response = post_image(client, raw, filename="IM000001", content_type="application/octet-stream")
+    assert response.status_code == 200, response.text
+    response = post_image(
+        client,
+        raw,
+        filename="IM000001",
+        content_type="application/octet-stream",
+        params={"format": "dicom-seg"},
+    )
+    assert response.status_code == 200, response.text
+    dataset, _ = _parse_seg(response.content)
+    referenced = dataset.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
 def test_dicom_seg_for_non_dicom_is_415(client):
     response = post_image(client, png_bytes(gradient()), params={"format": "dicom-seg"})
     assert response.status_code == 415 and "DICOM" in response.json()["detail"]

@@ -304,6 +304,9 @@ SEG_SOURCES = {
     "empty-character-set": lambda: _with_header(SpecificCharacterSet=""),
     "frame-of-reference-without-position": lambda: _with_header(FrameOfReferenceUID="1.2.3.4"),
     "cine-frame-of-reference-without-position": lambda: _with_header(frames=3, FrameOfReferenceUID="1.2.3.4"),
+    # Datasets without preamble or file meta (recognised by their structure).
+    "raw-implicit-little": lambda: _raw_dataset(make_dicom(), little=True, implicit=True),
+    "raw-explicit-little-rgb": lambda: _raw_dataset(make_dicom("RGB"), little=True, implicit=False),
 }
 
 
@@ -333,7 +336,7 @@ def test_seg_passes_dciodvfy(source, segments, tmp_path):
     content = build_dicom_seg(decoded, empty, mask, model_version="test-model", segments=segments)
     assert _dciodvfy_errors(content, tmp_path) == []
     seg = pydicom.dcmread(io.BytesIO(content))
-    source_ds = pydicom.dcmread(io.BytesIO(data))
+    source_ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
     referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert referenced.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
     if decoded.n_frames > 1 and "ImagePositionPatient" not in source_ds:
