@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
+from backend.app.engines import DEFAULT_ENGINE, ENGINE_CHOICES, accelerate_predictor, resolve_engine
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
         type=Path,
         help="A phase-1 checkpoint (coarse/fold<k>/best.pt) in place of the bundle's coarse model.",
     )
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="onnx-int8", help="Inference engine.")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=DEFAULT_ENGINE,
+        help="Inference engine (default: the served default).",
+    )
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     parser.add_argument("--aspect", type=float, default=0.74, help="Width/height of the portrait crop.")
     parser.add_argument("--canvas-aspect", type=float, default=1.2, help="Width/height of the widened frame.")
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": describe(),
         "model_version": predictor.model_version,
         "coarse_checkpoint": str(args.coarse) if args.coarse else None,
-        "engine": args.engine,
+        "engine": resolve_engine(args.engine),
         "fold": args.fold,
         "aspect": args.aspect,
         "canvas_aspect": args.canvas_aspect,

@@ -34,7 +34,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from backend.app.engines import ENGINE_CHOICES, accelerate_predictor
+from backend.app.engines import DEFAULT_ENGINE, ENGINE_CHOICES, accelerate_predictor, resolve_engine
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.splits import Split
@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fold", type=int, required=True, help="Validation fold of the served coarse model.")
     parser.add_argument("--root", type=Path, default=SHARED_DATA_ROOT / "BUSI", help="BUSI root.")
     parser.add_argument("--model", type=Path, help="Bundle (default: shipped default).")
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="onnx-int8", help="Inference engine.")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=DEFAULT_ENGINE,
+        help="Inference engine (default: the served default).",
+    )
     parser.add_argument("--onnx-cache", type=Path, help="ONNX cache dir (default: a temporary one).")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"Comma-separated, of: {', '.join(VARIANTS)}."
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": describe(),
         "model_version": predictor.model_version,
-        "engine": args.engine,
+        "engine": resolve_engine(args.engine),
         "served_min_lesion_fraction": served_fraction,
         "fold": args.fold,
         "n_lesion_images": base["n_images"],
