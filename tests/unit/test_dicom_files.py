@@ -222,6 +222,48 @@ def test_bytes_that_only_start_like_a_dataset_are_refused_cleanly(seed):
     assert 400 <= info.value.status_code < 500
 
 
+def _encapsulated_uncompressed(data: bytes, *, drop_last_frame: bool = False) -> bytes:
+    """The file in Encapsulated Uncompressed Explicit VR Little Endian: one native fragment per frame."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    size = len(ds.PixelData) // n_frames
+    frames = [ds.PixelData[i * size : (i + 1) * size] for i in range(n_frames)]
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1.98")
+    ds.PixelData = encapsulate(frames[:-1] if drop_last_frame else frames, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        lambda: make_dicom(bits=16),
+        lambda: make_dicom("RGB"),
+        lambda: make_dicom(frames=3, bits=16),
+    ],
+    ids=["mono16", "rgb", "cine-mono16"],
+)
+def test_encapsulated_uncompressed_decodes_like_its_native_copy(source):
+    native = source()
+    wrapped = _encapsulated_uncompressed(native)
+    n_frames = decode_image(native).n_frames
+    for frame in range(n_frames):
+        index = frame if n_frames > 1 else None
+        np.testing.assert_array_equal(
+            decode_image(wrapped, frame=index).pixels, decode_image(native, frame=index).pixels
+        )
+
+
+def test_encapsulated_uncompressed_missing_a_frame_is_422_naming_the_syntax():
+    with pytest.raises(ImageError) as info:
+        decode_image(_encapsulated_uncompressed(make_dicom(frames=3), drop_last_frame=True))
+    assert info.value.status_code == 422
+    assert "Encapsulated Uncompressed Explicit VR Little Endian (1.2.840.10008.1.2.1.98)" in info.value.detail
+    assert "NumberOfFrames" in info.value.detail
+
+
 # ----------------------------------------------------------------------------- SEG validation
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -307,6 +349,7 @@ SEG_SOURCES = {
     # Datasets without preamble or file meta (recognised by their structure).
     "raw-implicit-little": lambda: _raw_dataset(make_dicom(), little=True, implicit=True),
     "raw-explicit-little-rgb": lambda: _raw_dataset(make_dicom("RGB"), little=True, implicit=False),
+    "encapsulated-uncompressed-cine": lambda: _encapsulated_uncompressed(make_dicom(frames=3)),
 }
 
 

@@ -107,6 +107,8 @@ def decode_dicom(data: bytes, *, frame: int | None = None, max_pixels: int = 40_
     if index >= n_frames:
         raise ImageError(f"frame {index} is out of range: the DICOM image has {n_frames} frame(s)")
     syntax = _transfer_syntax(ds)
+    if syntax == ENCAPSULATED_UNCOMPRESSED:
+        syntax = _unwrap_encapsulated_uncompressed(ds, rows * columns, n_frames)
     _assume_missing_pixel_attributes(ds, photometric)
     _check_pixel_module(ds, rows * columns, n_frames, syntax, photometric)
 
@@ -295,6 +297,13 @@ def _all_decoders_failed(exc: RuntimeError, syntax) -> bool:
     return syntax.is_compressed and "plugins" in str(exc)
 
 
+#: Encapsulated Uncompressed Explicit VR Little Endian (PS3.5 A.4.11, added in 2023): native
+#: pixel bytes, one fragment per frame. pydicom 3.0 has no decoder for it, nor its name.
+ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
+#: Public transfer syntaxes newer than pydicom's registry, by UID.
+_NEWER_SYNTAXES = {ENCAPSULATED_UNCOMPRESSED: "Encapsulated Uncompressed Explicit VR Little Endian"}
+
+
 def _syntax_label(syntax) -> str:
     """``'JPEG Lossless, … (1.2.840.10008.1.2.4.70)'``: a registered syntax's name and UID.
 
@@ -305,7 +314,42 @@ def _syntax_label(syntax) -> str:
 
     if str(syntax) in AllTransferSyntaxes:
         return f"{syntax.name} ({syntax})"
+    if str(syntax) in _NEWER_SYNTAXES:
+        return f"{_NEWER_SYNTAXES[str(syntax)]} ({syntax})"
     return "(unregistered TransferSyntaxUID)"
+
+
+def _unwrap_encapsulated_uncompressed(ds, frame_pixels: int, n_frames: int):
+    """Encapsulated Uncompressed data → the native Explicit VR Little Endian pixel data it holds.
+
+    Each frame is one fragment of native bytes (padded to an even length); they are joined into
+    native PixelData and the data set is then decoded as Explicit VR Little Endian.
+    """
+    from pydicom.encaps import generate_frames
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    label = _syntax_label(ENCAPSULATED_UNCOMPRESSED)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if bits not in (8, 16, 32):
+        raise ImageError(f"the DICOM attribute BitsAllocated is not 8, 16 or 32 (transfer syntax {label})")
+    frame_bytes = frame_pixels * samples * bits // 8
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=n_frames))
+    except Exception as exc:  # pydicom raises ValueError/struct.error/… on a broken item table
+        raise ImageError(
+            f"the DICOM pixel data in transfer syntax {label} is not a valid encapsulated sequence "
+            f"({type(exc).__name__})"
+        ) from None
+    if len(frames) != n_frames or any(len(frame) < frame_bytes for frame in frames):
+        raise ImageError(
+            f"the DICOM pixel data in transfer syntax {label} does not hold NumberOfFrames frames of "
+            "Rows × Columns × SamplesPerPixel × BitsAllocated bits"
+        )
+    ds.PixelData = b"".join(frame[:frame_bytes] for frame in frames)
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ExplicitVRLittleEndian
 
 
 def _native_syntax(ds):
@@ -334,6 +378,8 @@ def _transfer_syntax(ds):
         ds.file_meta.TransferSyntaxUID = syntax
         value = syntax
     syntax = UID(str(value))
+    if syntax == ENCAPSULATED_UNCOMPRESSED:
+        return syntax  # unwrapped into native data by the caller
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
