@@ -107,7 +107,7 @@ def sniff_kind(data: bytes) -> ImageKind | None:
 
     DICOM is tested first: its 128-byte preamble is free-form and is legally (and commonly, in
     files written by dcmtk and GDCM) a TIFF header, so ``DICM`` at offset 128 decides. A DICOM
-    dataset written without the preamble (older toolkits, ``dcmconv +F``-less exports, PACS
+    dataset written without the preamble (older toolkits, ``dcmconv --write-dataset``, PACS
     caches) has no magic at all; it is recognised last, by its structure
     (:func:`looks_like_raw_dataset`).
     """
