@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from backend.app.engines.names import DEFAULT_ENGINE, ENGINE_CHOICES
 from training.config import REPO_ROOT, SHARED_DATA_ROOT, TrainingConfig
 from training.machine import describe
 
@@ -141,7 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--blend-max-dice-drop", type=float, help="finetune.blend_max_dice_drop.")
     parser.add_argument("--blend-max-fp-rise", type=float, help="finetune.blend_max_fp_rise.")
     parser.add_argument("--cache-dir", type=Path, help="Embedding cache (default: under the work folder).")
-    parser.add_argument("--engine", default="auto", help="Serving engine of the evaluations.")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default=DEFAULT_ENGINE,
+        help="Serving engine of the evaluations (default: the served default).",
+    )
     parser.add_argument("--work-dir", type=Path, help="Keep everything here (default: a temp folder).")
     args = parser.parse_args(argv)
 
