@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = Predictor.from_bundle(args.model)
     if args.coarse is not None:
         try:
-            predictor.coarse = load_coarse_checkpoint(predictor.config, args.coarse)
+            predictor.replace_coarse(*load_coarse_checkpoint(predictor.config, args.coarse))
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SystemExit(f"--coarse: {args.coarse}: {detail}") from None

@@ -34,7 +34,7 @@ from training.evaluate import evaluate
 from training.inference import Predictor
 from training.machine import describe
 from training.modeling.coarse_ensemble import MeanLogits
-from training.modeling.coarse_registry import load_coarse_checkpoint
+from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size, load_coarse_checkpoint
 from training.phases.context import COARSE_DIR
 from training.phases.refiner_finetune import embedding_cache_for
 
@@ -99,24 +99,33 @@ def main(argv: list[str] | None = None) -> dict:
     paths = list(args.members)
     if args.run_dir is not None:
         paths += sorted((args.run_dir / COARSE_DIR).glob("fold*/best.pt"))
-    members = []
+    members, inputs = [], set()
     for path in paths:
         try:
-            model = load_coarse_checkpoint(cfg, path)
+            model, member_cfg = load_coarse_checkpoint(cfg, path)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
             # One line, not a traceback: a wrong path, not a checkpoint, or another architecture.
             detail = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise SystemExit(f"--members / --run-dir: {path}: {detail}") from None
         members.append(model)
+        inputs.add((coarse_input_size(member_cfg), coarse_in_channels(member_cfg)))
     if not args.without_bundle_coarse:
         members.insert(0, predictor.coarse)
+        inputs.add((predictor.coarse_size, predictor.coarse_channels))
     if len(members) < 2:
         raise SystemExit(f"{len(members)} coarse model(s): an ensemble needs two or more")
+    if len(inputs) > 1:
+        raise SystemExit(
+            "--members / --run-dir: the coarse models read images of different sizes or channels "
+            f"({', '.join(f'{size} px × {channels}' for size, channels in sorted(inputs))}); "
+            "average models of one architecture (--without-bundle-coarse to leave the bundle's out)"
+        )
     cache = embedding_cache_for(predictor.refiner, cfg.cache_dir)
 
     started = time.perf_counter()
     results = {"served": _summary(evaluate(predictor, samples, embedding_cache=cache))}
-    predictor.coarse = MeanLogits(members).eval()
+    (size, channels), ensemble = inputs.pop(), MeanLogits(members).eval()
+    predictor.coarse, predictor.coarse_size, predictor.coarse_channels = ensemble, size, channels
     results[f"mean_of_{len(members)}"] = _summary(evaluate(predictor, samples, embedding_cache=cache))
     report = {
         "machine": describe(),

@@ -155,6 +155,13 @@ class Predictor:
         self.coarse_size = coarse_input_size(config)
         self.coarse_channels = coarse_in_channels(config)
 
+    def replace_coarse(self, coarse: torch.nn.Module, cfg: TrainingConfig) -> None:
+        """Use another coarse segmenter (a phase-1 checkpoint, an ensemble) with the input size and
+        channels that ``cfg``, its own config, names; the refiner and the bundle stay as they are."""
+        self.coarse = coarse.to(self.device).eval()
+        self.coarse_size = coarse_input_size(cfg)
+        self.coarse_channels = coarse_in_channels(cfg)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> Predictor:

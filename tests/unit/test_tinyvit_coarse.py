@@ -123,3 +123,38 @@ def test_a_tinyvit_run_trains_bundles_predicts_and_serves(
     images = torch.rand(2, 1, 56, 56)
     with torch.inference_mode():
         torch.testing.assert_close(served.coarse(images), predictor.coarse(images), atol=1e-3, rtol=1e-3)
+
+
+def test_a_tinyvit_fold_checkpoint_loads_into_a_transunet_bundle_predictor(tmp_path):
+    """A phase-1 checkpoint carries its own config: the benchmarks that swap a fold model into the
+    shipped (TransUNet) bundle's predictor build a TinyViT from it and feed it at its own size."""
+    from training.checkpoints import save_checkpoint
+    from training.inference import Predictor
+    from training.modeling.coarse_registry import load_coarse_checkpoint
+
+    cfg = _cfg()
+    trained = build_coarse(cfg).eval()
+    path = tmp_path / "best.pt"
+    save_checkpoint(
+        path,
+        phase="coarse",
+        fold=1,
+        epoch=0,
+        dice=0.5,
+        model=trained.state_dict(),
+        config=cfg.model_dump(mode="json"),
+    )
+    served = TrainingConfig.model_validate({})
+    assert served.coarse_model == "transunet"
+    model, own = load_coarse_checkpoint(served, path)
+    assert isinstance(model, TinyViTCoarse) and own.coarse_model == "tinyvit"
+    assert own.refiner == served.refiner and own.data == served.data  # only the architecture changes
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+    predictor = Predictor.from_bundle(None)
+    predictor.replace_coarse(model, own)
+    assert (predictor.coarse_size, predictor.coarse_channels) == (56, 1)
+    image = (np.random.default_rng(0).random((90, 120)) * 255).astype(np.uint8)
+    prediction = predictor.predict(image)
+    assert prediction.coarse_probs.shape == (90, 120)

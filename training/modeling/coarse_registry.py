@@ -114,15 +114,24 @@ def load_coarse_pretrained(model: nn.Module, cfg: TrainingConfig) -> bool:
     return coarse_spec(cfg).load_pretrained(model, cfg)
 
 
-def load_coarse_checkpoint(cfg: TrainingConfig, path: str | Path) -> nn.Module:
-    """The coarse segmenter ``cfg`` names with the weights of a phase-1 checkpoint
-    (``coarse/fold<k>/best.pt``), in eval mode. Raises what loading raises (a missing file, not a
-    checkpoint, another architecture) for the caller to report."""
+def load_coarse_checkpoint(cfg: TrainingConfig, path: str | Path) -> tuple[nn.Module, TrainingConfig]:
+    """The coarse segmenter of a phase-1 checkpoint (``coarse/fold<k>/best.pt``) with its weights, in
+    eval mode, and ``cfg`` with that segmenter's architecture: the one the checkpoint's own stored
+    config names (a ``tinyvit`` fold model loads into a TransUNet bundle's config), or ``cfg``'s for
+    a checkpoint without one. Raises what loading raises (a missing file, not a checkpoint, weights
+    that do not fit) for the caller to report."""
     from training.checkpoints import load_checkpoint
 
+    payload = load_checkpoint(path)
+    stored = payload.get("config")
+    if isinstance(stored, dict):
+        own = TrainingConfig.model_validate(stored)
+        cfg = cfg.model_copy(
+            update={"coarse_model": own.coarse_model, "transunet": own.transunet, "tinyvit": own.tinyvit}
+        )
     model = build_coarse(cfg)
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return model.eval()
+    model.load_state_dict(payload["model"])
+    return model.eval(), cfg
 
 
 def coarse_param_groups(model: nn.Module, cfg: TrainingConfig) -> list[dict]:
