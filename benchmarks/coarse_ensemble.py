@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     results = {"served": _summary(evaluate(predictor, samples, embedding_cache=cache))}
-    (size, channels), ensemble = inputs.pop(), MeanLogits(members).eval()
-    predictor.coarse, predictor.coarse_size, predictor.coarse_channels = ensemble, size, channels
+    # Every member reads the same input (checked above), so any member's config names it.
+    predictor.replace_coarse(MeanLogits(members), member_cfg if paths else cfg)
     results[f"mean_of_{len(members)}"] = _summary(evaluate(predictor, samples, embedding_cache=cache))
     report = {
         "machine": describe(),
