@@ -2,7 +2,8 @@
 
     python scripts/ship_model.py --run-dir runs/compact-e30 --command "ultrarefiner train all ..."
 
-Copies the run's ``bundle.pt`` and ``split.json``, and writes ``models/default.json``: the pipeline's
+Copies the run's ``bundle.pt`` and its split (``split.json``, or the ``--split-file`` it was
+given), and writes ``models/default.json``: the pipeline's
 own per-image test evaluation of the bundle (``evaluation_test.json``), the per-fold phase-1
 figures, the phase-2b/3 summaries, and the test split evaluated after each phase — phase 1
 (final coarse model + the pretrained refiner) and phase 2 (+ the fine-tuned refiner) — with the
@@ -35,6 +36,19 @@ def _evaluate_bundle(bundle: dict, cfg: TrainingConfig, samples: list) -> dict:
     return {k: v for k, v in report.items() if k != "per_image"} | {"split": "test"}
 
 
+def _split_path(run: Path, cfg: TrainingConfig) -> Path:
+    """The run's own ``split.json``, else the ``data.split_file`` it was trained on (a run given
+    ``--split-file`` writes no split of its own)."""
+    candidates = [run / "split.json"]
+    if cfg.data.split_file is not None and not cfg.data.pooled:
+        given = Path(cfg.data.split_file)
+        candidates += [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise SystemExit(f"{run} has no split: neither split.json nor its data.split_file exists")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True)
@@ -43,14 +57,15 @@ def main() -> None:
     args = parser.parse_args()
 
     run = args.run_dir
-    needed = ["config.json", "bundle.pt", "evaluation_test.json", "split.json", f"{COARSE_DIR}/final.pt"]
+    needed = ["config.json", "bundle.pt", "evaluation_test.json", f"{COARSE_DIR}/final.pt"]
     missing = [name for name in needed if not (run / name).is_file()]
     if missing:
         raise SystemExit(f"{run} is not a finished `train all` run: missing {', '.join(missing)}")
     cfg = TrainingConfig.from_stored(read_json(run / "config.json"))
+    split_path = _split_path(run, cfg)
     bundle = load_bundle(run / "bundle.pt")
     test = read_json(run / "evaluation_test.json")
-    split = Split.load(run / "split.json")
+    split = Split.load(split_path)
     samples = split.test_samples(list_samples(cfg.data.dataset, cfg.data.root), source=str(cfg.data.root))
 
     coarse = load_checkpoint(run / COARSE_DIR / "final.pt")["model"]
@@ -88,7 +103,8 @@ def main() -> None:
     models = args.models_dir
     models.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "bundle.pt", models / "default.pt")
-    shutil.copyfile(run / "split.json", models / "default_split.json")
+    if split_path.resolve() != (models / "default_split.json").resolve():
+        shutil.copyfile(split_path, models / "default_split.json")
     (models / "default.json").write_text(json.dumps(record, indent=1) + "\n")
     summary = {
         name: {k: record[name].get(k) for k in ("dice_coarse", "dice_refined", "delta")}
