@@ -1,8 +1,9 @@
 """Pack what the full-encoder coarse probe needs on a lent GPU machine into ``.gpu/`` (git-ignored).
 
 The device machine receives this repository's working tree — tracked files *and* carried paths —
-within 64 MiB in all. The tracked tree is already about 33.5 MB (``models/default.pt`` alone is
-31 MB), so what travels beside it must stay under about 30 MB. This script writes:
+within 64 MiB in all. The tracked tree is already about 44.5 MB (``models/default.pt`` alone is
+42 MB since the ``tinyvit`` coarse model shipped), so what travels beside it must stay under about
+19 MB: the images go at 256 px (the refiner's own input size) and WebP q75. This script writes:
 
 * ``.gpu/whl/``: the wheels the machine's Python 3.12 lacks (pydantic and its three dependencies,
   segment-anything), at the versions installed here, fetched from the package registry;
@@ -17,9 +18,10 @@ within 64 MiB in all. The tracked tree is already about 33.5 MB (``models/defaul
 * ``.gpu/busbra/``: the BUS-BRA sample as it is (a look at another hospital, not a decision).
 
 The probe then scores every model on the transferred images at their transferred resolution — the
-shipped TransUNet included (``transunet_val``), so comparisons stay like for like.
+shipped coarse model included (``transunet_val``, named after the TransUNet it used to be; since
+2026-12-07 it is the ``tinyvit`` model), so comparisons stay like for like.
 
-    python scripts/device/pack_coarse_probe.py pack [--fold 0] [--max-side 384] [--quality 85]
+    python scripts/device/pack_coarse_probe.py pack [--fold 0] [--max-side 256] [--quality 75]
     python scripts/device/pack_coarse_probe.py unpack .gpu/busi.tar /tmp/BUSI    # on the machine
 """
 
@@ -175,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     pack.add_argument("--busbra-root", type=Path, default=REPO.parent / "shared" / "data" / "BUSBRA-sample")
     pack.add_argument("--split-file", type=Path, default=REPO / "models" / "default_split.json")
     pack.add_argument("--fold", type=int, default=0)
-    pack.add_argument("--max-side", type=int, default=384, help="Longest image side after packing (pixels).")
-    pack.add_argument("--quality", type=int, default=85, help="WebP quality of the images.")
+    pack.add_argument("--max-side", type=int, default=256, help="Longest image side after packing (pixels).")
+    pack.add_argument("--quality", type=int, default=75, help="WebP quality of the images.")
     pack.add_argument("--skip-wheels", action="store_true", help="Keep .gpu/whl as it is (no registry call).")
     unpack = sub.add_parser("unpack")
     unpack.add_argument("archive", type=Path)
