@@ -37,12 +37,11 @@ def _evaluate_bundle(bundle: dict, cfg: TrainingConfig, samples: list) -> dict:
 
 
 def _split_path(run: Path, cfg: TrainingConfig) -> Path:
-    """The run's own ``split.json``, else the ``data.split_file`` it was trained on (a run given
-    ``--split-file`` writes no split of its own)."""
-    candidates = [run / "split.json"]
-    if cfg.data.split_file is not None and not cfg.data.pooled:
-        given = Path(cfg.data.split_file)
-        candidates += [given] if given.is_absolute() else [given, REPO_ROOT / given]
+    """The run's own ``split.json``, else the split its config names (``TrainingConfig.split_path``
+    with the run folder as output: a run given ``--split-file`` writes no split of its own)."""
+    own = run / "split.json"
+    trained_on = cfg.model_copy(update={"output_dir": run}).split_path
+    candidates = [own, trained_on] if trained_on.is_absolute() else [own, trained_on, REPO_ROOT / trained_on]
     for path in candidates:
         if path.is_file():
             return path
