@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.checkpoints import bundle_config, load_bundle
 from training.config import SHARED_DATA_ROOT
 from training.data.datasets import list_samples, load_image, load_mask
 from training.data.transforms import Geometry
@@ -25,6 +26,8 @@ width = int(sys.argv[3]) if len(sys.argv) > 3 else 96
 tr = torch.load(d / "train.pt")
 va = torch.load(d / "val.pt")
 base = np.load(d / "val_baseline.npy", allow_pickle=True)
+#: The served tiny-mask rule of the shipped bundle (0.001 for `…20261207T034342Z`).
+min_fraction = bundle_config(load_bundle("models/default.pt")).refiner.min_lesion_fraction
 
 
 def cbr(i, o, k=3):
@@ -95,7 +98,7 @@ with torch.no_grad():
         g = Geometry(height=truth.shape[0], width=truth.shape[1], size=256)
         lo = head(va["emb"][i : i + 1].float())  # 1x1x256x256
         logits2 = torch.cat([torch.zeros_like(lo), lo], 1)
-        logits2 = drop_tiny_masks_from_logits(logits2, 0.001)
+        logits2 = drop_tiny_masks_from_logits(logits2, min_fraction)
         probs = g.from_refiner(logits2.softmax(1)[:, 1:2])[0, 0].numpy()
         for name, m in (("head", probs >= 0.5), ("shipped", base[i])):
             if truth.any():
