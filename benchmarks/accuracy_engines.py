@@ -22,6 +22,9 @@ With ``--fold K`` too it takes the lesion images of validation fold K instead, w
 choice between engine recipes is made (the test split only reports the chosen one):
 
     python benchmarks/accuracy_engines.py --split-file models/default_split.json --fold 0 --prompt coarse
+
+``--encoder-crop-multiple`` overrides the bundle's encoder crop rule (``0``: the full padded
+input), to compare the crop with the full input on the same images.
 """
 
 from __future__ import annotations
@@ -86,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--fold", type=int, help="With --split-file: the lesion images of this validation fold instead."
     )
+    parser.add_argument(
+        "--encoder-crop-multiple",
+        type=int,
+        help="Override the bundle's refiner.encoder_crop_multiple (0: encode the full padded input).",
+    )
     args = parser.parse_args(argv)
 
     samples = lesion_samples(args.root, args.n, args.split_file, args.fold)
@@ -111,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     for engine in engines:
         predictor = Predictor.from_bundle(args.model)
         report["model_version"] = predictor.model_version
+        if args.encoder_crop_multiple is not None:
+            predictor.use_encoder_crop(args.encoder_crop_multiple)
+        report["encoder_crop_multiple"] = predictor.config.refiner.encoder_crop_multiple
         started = time.perf_counter()
         accelerate_predictor(predictor, engine, cache_dir)
         prepare_s = time.perf_counter() - started

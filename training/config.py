@@ -131,6 +131,16 @@ class RefinerConfig(_Strict):
     roi_outside_logit: float = Field(
         -20.0, lt=0, description="Logit of the refined mask outside the ROI crop when pasted back."
     )
+    encoder_crop_multiple: int = Field(
+        56,
+        ge=0,
+        multiple_of=4,
+        description=(
+            "Inference (Predictor, served engines): encode only the non-padding part of the refiner "
+            "input, its shorter side rounded up to this many px (litemedsam only; 0: the full input). "
+            "Training always encodes the full input."
+        ),
+    )
     selection_tau: float = Field(0.1, gt=0, description="Soft multimask selection: softmax(IoU/τ).")
     gated_residual: bool = Field(False, description="refined = coarse + gate·(refiner − coarse).")
     gate_init_bias: float = Field(

@@ -41,6 +41,7 @@ from training.data.transforms import (
 )
 from training.evaluate import coarse_finds_lesion, refines_coarse
 from training.modeling.coarse_registry import coarse_in_channels, coarse_input_size
+from training.modeling.encoder_crop import torch_encoder_crop
 from training.modeling.lesion_filter import drop_tiny_masks_from_logits
 
 
@@ -147,6 +148,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.coarse = coarse.to(self.device).eval()
         self.refiner = refiner.to(self.device).eval()
+        # Inference encodes only the non-padding part of the refiner input (config: the crop rule).
+        self.refiner.encoder_crop = torch_encoder_crop(self.refiner, config.refiner.encoder_crop_multiple)
         self.config = config
         self.model_version = model_version
         self.untrained = untrained
@@ -161,6 +164,15 @@ class Predictor:
         self.coarse = coarse.to(self.device).eval()
         self.coarse_size = coarse_input_size(cfg)
         self.coarse_channels = coarse_in_channels(cfg)
+
+    def use_encoder_crop(self, multiple: int) -> None:
+        """Encode only the non-padding part of refiner inputs, its shorter side rounded up to
+        ``multiple`` px (``0``: the full input; :mod:`training.modeling.encoder_crop`). Call it
+        before a serving engine prepares the predictor: the engine builds its graphs for the rule
+        that is set then."""
+        self.config.refiner.encoder_crop_multiple = multiple
+        self.refiner.cfg.encoder_crop_multiple = multiple
+        self.refiner.encoder_crop = torch_encoder_crop(self.refiner, multiple)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -171,13 +171,17 @@ class EmbeddingCache:
     # -- compute ----------------------------------------------------------------------------
 
     @staticmethod
-    def _resolve(backbone_or_refiner, encode_fn: EncodeFn | None) -> tuple[str, EncodeFn]:
+    @staticmethod
+    def _resolve(backbone_or_refiner, encode_fn: EncodeFn | None) -> tuple[str, str, EncodeFn]:
+        """``(backbone, kind, encode)``: ``kind`` names what ``encode`` computes in cache keys (a
+        refiner's :attr:`~training.modeling.refiner.Refiner.embedding_kind`, else the backbone)."""
         if isinstance(backbone_or_refiner, str):
             if encode_fn is None:
                 raise ValueError("encode_fn is required when a backbone name is given")
-            return backbone_or_refiner, encode_fn
+            return backbone_or_refiner, backbone_or_refiner, encode_fn
         refiner = backbone_or_refiner  # a Refiner: `.backbone` and `.encode`
-        return refiner.backbone, encode_fn or refiner.encode
+        kind = getattr(refiner, "embedding_kind", refiner.backbone)
+        return refiner.backbone, kind, encode_fn or refiner.encode
 
     def get_or_compute(self, image: np.ndarray, backbone, encode_fn: EncodeFn | None = None) -> torch.Tensor:
         """Cached embedding of a native image, computing and storing it on a miss.
@@ -185,8 +189,8 @@ class EmbeddingCache:
         ``backbone`` is a backbone name (with ``encode_fn``) or a refiner object with
         ``.backbone`` and ``.encode``. Returns ``C×E×E`` float32 on the CPU.
         """
-        name, encode = self._resolve(backbone, encode_fn)
-        key = self.key(image, name)
+        name, kind, encode = self._resolve(backbone, encode_fn)
+        key = self.key(image, kind)
         cached = self.get(key)
         if cached is not None:
             return cached
@@ -211,7 +215,7 @@ class EmbeddingCache:
         """
         from training.data.datasets import load_image
 
-        name, encode = self._resolve(backbone, encode_fn)
+        name, kind, encode = self._resolve(backbone, encode_fn)
         if name not in REFINER_INPUT_SIZE:
             raise ValueError(f"unknown refiner backbone {name!r}; known: {sorted(REFINER_INPUT_SIZE)}")
         items = list(images)
@@ -219,7 +223,7 @@ class EmbeddingCache:
         missing: list[int] = []
         for index, item in enumerate(items):
             array = load_image(item) if isinstance(item, Path | str) else item
-            key = self.key(array, name)
+            key = self.key(array, kind)
             keys.append(key)
             if self.get(key) is None:
                 missing.append(index)

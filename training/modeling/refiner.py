@@ -100,6 +100,10 @@ class Refiner(nn.Module):
         self.input_size = input_size
         self.backbone = backbone
         self.gate = ResidualGate(self.cfg.gate_init_bias) if self.cfg.gated_residual else None
+        #: Set by a :class:`~training.inference.Predictor` (or a serving engine): an
+        #: :class:`~training.modeling.encoder_crop.EncoderCrop` that :meth:`encode` uses instead of
+        #: running ``image_encoder`` on the whole padded input. ``None`` in training.
+        self.encoder_crop = None
         for parameter in self.image_encoder.parameters():
             parameter.requires_grad_(False)
         self.image_encoder.eval()
@@ -143,9 +147,19 @@ class Refiner(nn.Module):
     # ------------------------------------------------------------------ encoder / decoder
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``B×3×L×L`` preprocessed images (:func:`refiner_input`) → ``B×256×E×E`` embeddings."""
+        """``B×3×L×L`` preprocessed images (:func:`refiner_input`) → ``B×256×E×E`` embeddings
+        (of the non-padding part only where :attr:`encoder_crop` is set)."""
         self.image_encoder.eval()
+        if self.encoder_crop is not None:
+            return self.encoder_crop(images)
         return self.image_encoder(images)
+
+    @property
+    def embedding_kind(self) -> str:
+        """What :meth:`encode` computes, for embedding cache keys: the backbone, plus the crop rule."""
+        if self.encoder_crop is None:
+            return self.backbone
+        return f"{self.backbone}-{self.encoder_crop.name}"
 
     def decode(
         self, image_embeddings: torch.Tensor, prompts: Prompts, multimask_output: bool = True

