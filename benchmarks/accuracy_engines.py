@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             else ("test split" if args.fold is None else f"validation fold {args.fold}")
         ),
         "prompt": args.prompt,
+        "image_names": [Path(s.image_path).name for s in samples],
         "engines": {},
     }
     for engine in engines:
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             dices.append(dice_score(mask, truth))
         report["engines"][engine] = {
             "dice_mean": round(statistics.fmean(dices), 4),
+            # Per image, in the order of "image_names": to compare two runs image by image.
+            "dice_per_image": [round(float(d), 4) for d in dices],
             "encoder_ms_median": round(statistics.median(encoder_ms), 1),
             "prepare_s": round(prepare_s, 1),
         }

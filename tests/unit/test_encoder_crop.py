@@ -183,3 +183,33 @@ def test_graph_engine_crops_with_one_graph_per_shape(tmp_path, tinyvit):
         fast.encode(padded(190, 256, seed=3))
     assert graph.stat().st_mtime_ns == stamp and len(list(tmp_path.glob("encoder-*.onnx"))) == 2
     assert accelerate_refiner(fast, "onnx", tmp_path).encoder_crop is fast.encoder_crop  # prepared once
+
+
+def test_a_shape_without_an_encoder_is_encoded_whole(tinyvit):
+    crop = EncoderCrop(tinyvit, lambda hc, wc: None, SIZE, 56)
+    image = padded(215, 256)
+    with torch.inference_mode():
+        assert torch.equal(crop(image), tinyvit(image))
+
+
+def test_a_crop_graph_that_cannot_load_falls_back_to_the_full_graph(tmp_path, tinyvit, monkeypatch, caplog):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from backend.app.engines import AccelerationError, accelerate_refiner
+    from backend.app.engines.onnxruntime_engine import OnnxEngine
+
+    loads = OnnxEngine.session
+
+    def refuse_crops(self, path, num_threads):
+        if "x" in path.name.split("-")[1]:  # encoder-224x256-…: a crop shape's graph
+            raise AccelerationError(f"ONNX Runtime could not load {path.name} (test)")
+        return loads(self, path, num_threads)
+
+    monkeypatch.setattr(OnnxEngine, "session", refuse_crops)
+    fast = accelerate_refiner(
+        litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False)), "onnx", tmp_path
+    )
+    image = padded(215, 256)
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        assert torch.allclose(fast.encode(image), tinyvit(image), atol=1e-4)
+    assert "224×256 crops are encoded whole" in caplog.text

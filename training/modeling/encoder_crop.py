@@ -94,8 +94,9 @@ class EncoderCrop:
     that is not padding (see the module docstring). Thread-safe.
 
     ``full`` encodes ``L×L`` inputs; ``at_shape(hc, wc)`` returns an encoder of ``hc×wc`` inputs
-    (called once per shape). Not an ``nn.Module``: it holds encoders, it does not own weights, so a
-    refiner's ``state_dict`` is the same with and without it.
+    (called once per shape), or ``None`` where there is none (a graph that failed to export):
+    inputs of that shape are then encoded whole. Not an ``nn.Module``: it holds encoders, it does
+    not own weights, so a refiner's ``state_dict`` is the same with and without it.
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class EncoderCrop:
         self.full, self.at_shape = full, at_shape
         self.size, self.multiple = size, multiple
         self._lock = threading.Lock()
-        self._encoders: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._encoders: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor] | None] = {}
         self._zero: torch.Tensor | None = None
 
     @property
@@ -126,12 +127,11 @@ class EncoderCrop:
                 self._zero = self.full(zeros.to(like.device))
             return self._zero
 
-    def encoder_for(self, hc: int, wc: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def encoder_for(self, hc: int, wc: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         with self._lock:
-            encoder = self._encoders.get((hc, wc))
-            if encoder is None:
-                encoder = self._encoders[(hc, wc)] = self.at_shape(hc, wc)
-            return encoder
+            if (hc, wc) not in self._encoders:
+                self._encoders[(hc, wc)] = self.at_shape(hc, wc)
+            return self._encoders[(hc, wc)]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or tuple(images.shape[-2:]) != (self.size, self.size):
@@ -145,7 +145,10 @@ class EncoderCrop:
         hc, wc = crop_shape((h, w), self.size, self.multiple)
         if (hc, wc) == (self.size, self.size):
             return self.full(images)
-        part = self.encoder_for(hc, wc)(images[..., :hc, :wc].contiguous())
+        encoder = self.encoder_for(hc, wc)
+        if encoder is None:
+            return self.full(images)
+        part = encoder(images[..., :hc, :wc].contiguous())
         embedding = self.zero_embedding(images).clone()
         scale = self.size // embedding.shape[-1]
         embedding[..., : hc // scale, : wc // scale] = part

@@ -2,7 +2,10 @@
 
 :class:`GraphEngine` exports (once, cached: :mod:`~backend.app.engines.onnx_export`) and loads
 the three graphs; a subclass says how a graph file becomes a session (:meth:`GraphEngine.session`)
-and whether the encoder is int8-quantised. The stand-ins keep the torch contracts:
+and whether the encoder is int8-quantised. With the refiner's encoder crop
+(:mod:`training.modeling.encoder_crop`), each crop shape gets its own encoder graph, exported and
+loaded the first time an image of that shape comes (a few seconds, then cached on disk like the
+others). The stand-ins keep the torch contracts:
 :class:`OnnxCoarse` ``B×C×S×S → B×2×S×S`` logits, :class:`OnnxImageEncoder`
 ``B×3×L×L → B×256×E×E``, :class:`OnnxMaskDecoder` SAM's ``MaskDecoder.forward``.
 """
@@ -94,12 +97,16 @@ class GraphEngine(Engine):
             return None
         threads = self._num_threads()
 
-        def at_shape(hc: int, wc: int) -> OnnxImageEncoder:
+        def at_shape(hc: int, wc: int) -> OnnxImageEncoder | None:
             started = time.perf_counter()
-            path = onnx_encoder_path(
-                TinyViTAtShape(source, hc, wc).eval(), (hc, wc), cache_dir, int8=self.int8_encoder
-            )
-            stand_in = OnnxImageEncoder(self.session(path, threads), path, self.name)
+            try:
+                path = onnx_encoder_path(
+                    TinyViTAtShape(source, hc, wc).eval(), (hc, wc), cache_dir, int8=self.int8_encoder
+                )
+                stand_in = OnnxImageEncoder(self.session(path, threads), path, self.name)
+            except AccelerationError as error:  # the full graph computes the embedding instead
+                logger.warning("%s; %d×%d crops are encoded whole", error, hc, wc)
+                return None
             logger.info(
                 "image encoder graph for %d×%d crops ready in %.1f s", hc, wc, time.perf_counter() - started
             )
