@@ -171,7 +171,6 @@ class EmbeddingCache:
     # -- compute ----------------------------------------------------------------------------
 
     @staticmethod
-    @staticmethod
     def _resolve(backbone_or_refiner, encode_fn: EncodeFn | None) -> tuple[str, str, EncodeFn]:
         """``(backbone, kind, encode)``: ``kind`` names what ``encode`` computes in cache keys (a
         refiner's :attr:`~training.modeling.refiner.Refiner.embedding_kind`, else the backbone)."""
