@@ -52,12 +52,35 @@ def test_recorded_summary_matches_its_per_image_records(record):
     assert test["dice_refined"] == pytest.approx(np.mean([r["dice_refined"] for r in lesion]), abs=1e-9)
 
 
-def test_fresh_evaluation_reproduces_recorded_dice(predictor, record):
-    recorded = {r["id"]: r for r in record["test"]["per_image"]}
+#: The test-split records and the encoder crop each was computed with: the training pipeline's
+#: record (before inference used the crop: the full 256² input), and the evaluation of the served
+#: rule (``ultrarefiner evaluate``, crop 56; docs/runs/encoder-crop-avx2-20261207/).
+RECORDS = {
+    "recorded-full-input": (RECORD, 0, ("test", "per_image")),
+    "served-encoder-crop": (
+        REPO_ROOT / "docs" / "runs" / "encoder-crop-avx2-20261207" / "evaluate_test_crop56.json",
+        56,
+        ("per_image",),
+    ),
+}
+
+
+@pytest.mark.parametrize("which", sorted(RECORDS))
+def test_fresh_evaluation_reproduces_recorded_dice(predictor, which):
+    path, crop_multiple, keys = RECORDS[which]
+    per_image = json.loads(path.read_text())
+    for key in keys:
+        per_image = per_image[key]
+    recorded = {r["id"]: r for r in per_image}
     lesion_ids = sorted(i for i, r in recorded.items() if r["lesion"])[:N_LESION]
     normal_ids = sorted(i for i, r in recorded.items() if not r["lesion"])[:N_NORMAL]
     by_id = {s.id: s for s in list_samples("busi", BUSI)}
-    report = evaluate(predictor, [by_id[i] for i in lesion_ids + normal_ids])
+    assert predictor.config.refiner.encoder_crop_multiple == 56  # what the bundle serves
+    predictor.use_encoder_crop(crop_multiple)
+    try:
+        report = evaluate(predictor, [by_id[i] for i in lesion_ids + normal_ids])
+    finally:
+        predictor.use_encoder_crop(56)
 
     assert report["n_images"] == N_LESION
     fresh = {r["id"]: r for r in report["per_image"]}
