@@ -2,6 +2,9 @@
 the crop rule, TinyViT at a crop shape, the paste into the zero input's embedding, and the same
 rule on the graph engines."""
 
+import copy
+import pickle
+
 import pytest
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
@@ -213,3 +216,22 @@ def test_a_crop_graph_that_cannot_load_falls_back_to_the_full_graph(tmp_path, ti
     with torch.inference_mode(), caplog.at_level("WARNING"):
         assert torch.allclose(fast.encode(image), tinyvit(image), atol=1e-4)
     assert "224×256 crops are encoded whole" in caplog.text
+
+
+def test_a_deep_copied_refiner_crops_with_its_own_encoder(tinyvit):
+    refiner = litemedsam_shaped_refiner(copy.deepcopy(tinyvit), RefinerConfig(pretrained=False))
+    refiner.encoder_crop = torch_encoder_crop(refiner, 56)
+    image = padded(215, 256)
+    with torch.inference_mode():
+        before = refiner.encode(image)
+    twin = copy.deepcopy(refiner)  # with its built shapes and zero embedding (a lock inside)
+    assert twin.encoder_crop is not refiner.encoder_crop and twin.encoder_crop.full is twin.image_encoder
+    with torch.no_grad():
+        for parameter in twin.image_encoder.parameters():
+            parameter.mul_(0.5)
+    with torch.inference_mode():
+        assert not torch.allclose(twin.encode(image), before, atol=1e-3)  # the copy's weights
+        assert torch.equal(refiner.encode(image), before)  # the original is untouched
+    restored = pickle.loads(pickle.dumps(refiner.encoder_crop))
+    with torch.inference_mode():
+        assert torch.allclose(restored(image), before, atol=1e-6)

@@ -95,14 +95,15 @@ class EncoderCrop:
 
     ``full`` encodes ``L×L`` inputs; ``at_shape(hc, wc)`` returns an encoder of ``hc×wc`` inputs
     (called once per shape), or ``None`` where there is none (a graph that failed to export):
-    inputs of that shape are then encoded whole. Not an ``nn.Module``: it holds encoders, it does
+    inputs of that shape are then encoded whole. Without ``at_shape``, ``full`` is a torch TinyViT
+    and each shape runs a :class:`TinyViTAtShape` of it. Not an ``nn.Module``: it holds encoders, it does
     not own weights, so a refiner's ``state_dict`` is the same with and without it.
     """
 
     def __init__(
         self,
         full: Callable[[torch.Tensor], torch.Tensor],
-        at_shape: Callable[[int, int], Callable[[torch.Tensor], torch.Tensor]],
+        at_shape: Callable[[int, int], Callable[[torch.Tensor], torch.Tensor] | None] | None,
         size: int,
         multiple: int,
     ) -> None:
@@ -110,9 +111,26 @@ class EncoderCrop:
             raise ValueError(f"the crop multiple must be a positive multiple of 4, got {multiple}")
         self.full, self.at_shape = full, at_shape
         self.size, self.multiple = size, multiple
+        self._reset()
+
+    def _reset(self) -> None:
         self._lock = threading.Lock()
         self._encoders: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor] | None] = {}
         self._zero: torch.Tensor | None = None
+
+    # A copy (``copy.deepcopy`` of a refiner, pickling) keeps the rule and the encoders it was
+    # given, deep-copied with the rest, and builds its per-shape encoders and zero embedding anew.
+    def __getstate__(self) -> dict:
+        return {"full": self.full, "at_shape": self.at_shape, "size": self.size, "multiple": self.multiple}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _build(self, hc: int, wc: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.at_shape is None:  # the torch TinyViT in ``full`` itself
+            return TinyViTAtShape(self.full, hc, wc).eval()
+        return self.at_shape(hc, wc)
 
     @property
     def name(self) -> str:
@@ -130,7 +148,7 @@ class EncoderCrop:
     def encoder_for(self, hc: int, wc: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         with self._lock:
             if (hc, wc) not in self._encoders:
-                self._encoders[(hc, wc)] = self.at_shape(hc, wc)
+                self._encoders[(hc, wc)] = self._build(hc, wc)
             return self._encoders[(hc, wc)]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -167,10 +185,4 @@ def torch_encoder_crop(refiner, multiple: int) -> EncoderCrop | None:
     the encoder cannot run on a smaller input (:func:`can_crop`)."""
     if not multiple or not can_crop(refiner):
         return None
-    encoder = refiner.image_encoder
-    size = int(refiner.input_size)
-
-    def at_shape(hc: int, wc: int) -> nn.Module:
-        return TinyViTAtShape(encoder, hc, wc).eval()
-
-    return EncoderCrop(encoder, at_shape, size, multiple)
+    return EncoderCrop(refiner.image_encoder, None, int(refiner.input_size), multiple)
