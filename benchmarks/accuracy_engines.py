@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
         predictor = Predictor.from_bundle(args.model)
         report["model_version"] = predictor.model_version
         if args.encoder_crop_multiple is not None:
-            predictor.use_encoder_crop(args.encoder_crop_multiple)
+            try:
+                predictor.use_encoder_crop(args.encoder_crop_multiple)
+            except ValueError:  # pydantic's ValidationError: the config field's bounds
+                raise SystemExit(
+                    "--encoder-crop-multiple must be 0 or a positive multiple of 4 "
+                    f"(got {args.encoder_crop_multiple})"
+                ) from None
         report["encoder_crop_multiple"] = predictor.config.refiner.encoder_crop_multiple
         started = time.perf_counter()
         accelerate_predictor(predictor, engine, cache_dir)

@@ -43,3 +43,11 @@ def test_a_fold_outside_the_split_or_without_a_split_file_is_a_one_line_error():
         module.lesion_samples(BUSI, 0, SPLIT, 3)
     with pytest.raises(SystemExit, match="--fold needs --split-file"):
         module.lesion_samples(BUSI, 5, None, 0)
+
+
+def test_an_encoder_crop_outside_the_config_bounds_is_a_one_line_error():
+    module = _module()
+    with pytest.raises(
+        SystemExit, match=r"--encoder-crop-multiple must be 0 or a positive multiple of 4 \(got 30\)"
+    ):
+        module.main(["--n", "1", "--engines", "torch", "--encoder-crop-multiple", "30"])
