@@ -4,6 +4,7 @@ rule on the graph engines."""
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -193,6 +194,43 @@ def test_a_shape_without_an_encoder_is_encoded_whole(tinyvit):
     image = padded(215, 256)
     with torch.inference_mode():
         assert torch.equal(crop(image), tinyvit(image))
+
+
+def test_a_shape_being_built_does_not_hold_up_other_shapes_and_is_built_once():
+    """A crop graph takes seconds to export: meanwhile, requests of built shapes are answered, and
+    a second request of the shape being built waits for that build instead of starting another."""
+    release, building_started = threading.Event(), threading.Event()
+    builds: list[tuple[int, int]] = []
+
+    def at_shape(hc: int, wc: int):
+        builds.append((hc, wc))
+        if (hc, wc) == (224, 256):
+            building_started.set()
+            assert release.wait(timeout=30)
+        return lambda part: torch.full((1, 4, hc // 4, wc // 4), float(hc))
+
+    crop = EncoderCrop(lambda images: torch.zeros(1, 4, SIZE // 4, SIZE // 4), at_shape, SIZE, 56)
+    assert crop.encoder_for(168, 256) is not None  # built before the slow one starts
+    results: dict[int, torch.Tensor] = {}
+
+    def request(slot: int) -> None:
+        results[slot] = crop(padded(215, 256))  # a 224×256 crop
+
+    slow = [threading.Thread(target=request, args=(slot,)) for slot in (0, 1)]
+    slow[0].start()
+    assert building_started.wait(timeout=30)
+    slow[1].start()
+    # Both 224×256 requests wait on the build; a 168×256 one and the zero embedding do not.
+    other = crop(padded(150, 256))
+    assert float(other[0, 0, 0, 0]) == 168.0 and float(other[0, 0, 50, 0]) == 0.0
+    assert torch.equal(crop(torch.zeros(1, 3, SIZE, SIZE)), torch.zeros(1, 4, SIZE // 4, SIZE // 4))
+    assert all(thread.is_alive() for thread in slow)
+    release.set()
+    for thread in slow:
+        thread.join(timeout=30)
+    assert builds == [(168, 256), (224, 256)]
+    for slot in (0, 1):
+        assert float(results[slot][0, 0, 55, 0]) == 224.0 and float(results[slot][0, 0, 56, 0]) == 0.0
 
 
 def test_a_crop_graph_that_cannot_load_falls_back_to_the_full_graph(tmp_path, tinyvit, monkeypatch, caplog):

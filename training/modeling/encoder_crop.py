@@ -114,8 +114,12 @@ class EncoderCrop:
         self._reset()
 
     def _reset(self) -> None:
+        # ``_lock`` guards the two dicts only; a shape's encoder is built under that shape's own
+        # lock, so requests of shapes already built never wait behind a build (seconds for a graph).
         self._lock = threading.Lock()
         self._encoders: dict[tuple[int, int], Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self._building: dict[tuple[int, int], threading.Lock] = {}
+        self._zero_lock = threading.Lock()
         self._zero: torch.Tensor | None = None
 
     # A copy (``copy.deepcopy`` of a refiner, pickling) keeps the rule and the encoders it was
@@ -139,17 +143,29 @@ class EncoderCrop:
 
     def zero_embedding(self, like: torch.Tensor) -> torch.Tensor:
         """``1×256×E×E``: the embedding of an all-zero ``L×L`` input (what the padding reads)."""
-        with self._lock:
+        with self._zero_lock:
             if self._zero is None:
                 zeros = torch.zeros(1, like.shape[1], self.size, self.size, dtype=like.dtype)
                 self._zero = self.full(zeros.to(like.device))
             return self._zero
 
     def encoder_for(self, hc: int, wc: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The encoder of ``hc×wc`` crops, built on the first call for that shape (once, even when
+        several threads ask at the same time; other shapes are served meanwhile)."""
+        shape = (hc, wc)
         with self._lock:
-            if (hc, wc) not in self._encoders:
-                self._encoders[(hc, wc)] = self._build(hc, wc)
-            return self._encoders[(hc, wc)]
+            if shape in self._encoders:
+                return self._encoders[shape]
+            building = self._building.setdefault(shape, threading.Lock())
+        with building:
+            with self._lock:
+                if shape in self._encoders:  # built by the thread that held ``building``
+                    return self._encoders[shape]
+            encoder = self._build(hc, wc)
+            with self._lock:
+                self._encoders[shape] = encoder
+                del self._building[shape]
+            return encoder
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or tuple(images.shape[-2:]) != (self.size, self.size):
