@@ -4,6 +4,8 @@
 set -euo pipefail
 old=$1 new=$2 out=$3 port=8031
 mkdir -p "$out"
+# A token of our own, so the servers do not print a generated one into the logs kept in $out.
+export ADMIN_TOKEN="${ADMIN_TOKEN:-$(python -c 'import secrets; print(secrets.token_urlsafe(24))')}"
 for name in old new; do
   bundle=${!name}
   ultrarefiner serve --host 127.0.0.1 --port $port --model "$bundle" > "$out/serve_${name}.log" 2>&1 &
