@@ -39,6 +39,17 @@ class _Input:
         self.name = name
 
 
+def compile_config(num_threads: int, *, bf16: bool) -> dict:
+    """The CPU plugin settings every served graph is compiled with."""
+    return {
+        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+        "INFERENCE_NUM_THREADS": num_threads,
+        "PERFORMANCE_HINT": "LATENCY",
+        # torch runs the prompts and paste-back between the graphs, on the same cores.
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
 class OpenVinoSession:
     """An OpenVINO compiled model behind the two calls this module makes of an ONNX Runtime
     ``InferenceSession`` (``get_inputs``, ``run``); thread-safe (one infer request per thread)."""
@@ -53,15 +64,10 @@ class OpenVinoSession:
                 "this CPU has no native bf16 (AVX512-BF16 or AMX); use inference_engine='openvino' "
                 "(fp32), 'onnx-int8' or 'auto'"
             )
-        config = {
-            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
-            "INFERENCE_NUM_THREADS": num_threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            # torch runs the prompts and paste-back between the graphs, on the same cores.
-            "ENABLE_CPU_PINNING": False,
-        }
         try:
-            self._compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            self._compiled = core.compile_model(
+                core.read_model(str(path)), "CPU", compile_config(num_threads, bf16=bf16)
+            )
         except Exception as error:
             raise AccelerationError(f"OpenVINO could not load {path.name} ({type(error).__name__})") from None
         self._inputs = [_Input(port.get_any_name()) for port in self._compiled.inputs]

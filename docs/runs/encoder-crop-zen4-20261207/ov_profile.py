@@ -20,6 +20,7 @@ import openvino as ov
 import torch
 from PIL import Image
 
+from backend.app.engines.openvino_engine import compile_config
 from backend.app.engines.registry import get_engine
 from training.data.transforms import coarse_input, refiner_input
 from training.inference import Predictor
@@ -30,13 +31,7 @@ RUNS = 15
 
 
 def profile(path: Path, feed: list[np.ndarray]) -> dict:
-    config = {
-        "INFERENCE_PRECISION_HINT": "bf16",
-        "INFERENCE_NUM_THREADS": 2,
-        "PERFORMANCE_HINT": "LATENCY",
-        "ENABLE_CPU_PINNING": False,
-        "PERF_COUNT": True,
-    }
+    config = {**compile_config(2, bf16=True), "PERF_COUNT": True}
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     for _ in range(3):
