@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from training.data.datasets import list_samples, load_image, load_mask
     from training.data.splits import Split
-    from training.data.transforms import refiner_input
     from training.evaluate import image_record
     from training.inference import Predictor
     from training.phases.refiner_finetune import embedding_cache_for
@@ -133,13 +132,13 @@ def main(argv: list[str] | None = None) -> dict:
         embedding = cache.get(key)
         if embedding is None:
             with torch.inference_mode():
-                refiner_image, _ = refiner_input(image, predictor.backbone)
+                refiner_image, _ = predictor.refiner.prepare(image)
                 embedding = predictor.refiner.encode(refiner_image[None])[0]
             cache.put(key, embedding)
             computed += 1
         embedding = embedding.float()[None]
         prediction = predictor.predict(image, embedding=embedding)
-        _, geometry = refiner_input(image, predictor.backbone)
+        _, geometry = predictor.refiner.prepare(image)
         record = image_record(
             sample_id, sample.label, mask, prediction.coarse_probs, prediction.refined_probs
         )

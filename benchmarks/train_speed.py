@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> dict:
     from training.config import SHARED_DATA_ROOT, TrainingConfig
     from training.data.datasets import list_samples
     from training.data.mask_augment import augment_mask
-    from training.data.transforms import refiner_input
     from training.inference import resolve_device
     from training.modeling.losses import quality_aware_loss
     from training.phases.context import SampleStore, limit_samples
@@ -70,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     computed = 0
     for item in items:
         if cache.get(keys[item.id]) is None:
-            images, _ = refiner_input(item.image, refiner.backbone)
+            images, _ = refiner.prepare(item.image)
             cache.put(keys[item.id], refiner.encode(images[None].to(device))[0].cpu())
             computed += 1
     precompute_s = time.perf_counter() - started
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.stack([cache.get(keys[item.id]) for item in chunk]).to(device)
 
     def recomputed_embeddings(chunk):
-        images = torch.stack([refiner_input(item.image, refiner.backbone)[0] for item in chunk]).to(device)
+        images = torch.stack([refiner.prepare(item.image)[0] for item in chunk]).to(device)
         return refiner.encode(images)
 
     def epoch(embeddings_of) -> tuple[float, float]:

@@ -242,13 +242,22 @@ def init_bundle(cfg: TrainingConfig) -> dict | None:
 
 def adopt_init_architecture(cfg: TrainingConfig) -> TrainingConfig:
     """With ``init_from``, the run's coarse-segmenter and refiner settings are the bundle's (its weights
-    only fit its architecture); without, ``cfg`` as it is."""
+    only fit its architecture); without, ``cfg`` as it is. ``refiner.image_side`` is not
+    architecture: set in ``cfg``, it stays (fine-tuning the decoder at another image side)."""
     bundle = init_bundle(cfg)
     if bundle is None:
         return cfg
     source = bundle_config(bundle)
+    refiner = source.refiner
+    if "image_side" in cfg.refiner.model_fields_set:
+        refiner = refiner.model_copy(update={"image_side": cfg.refiner.image_side})
     return cfg.model_copy(
-        update={"coarse_model": source.coarse_model, "transunet": source.transunet, "refiner": source.refiner}
+        update={
+            "coarse_model": source.coarse_model,
+            "transunet": source.transunet,
+            "tinyvit": source.tinyvit,
+            "refiner": refiner,
+        }
     )
 
 

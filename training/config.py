@@ -141,6 +141,17 @@ class RefinerConfig(_Strict):
             "Training always encodes the full input."
         ),
     )
+    image_side: int | None = Field(
+        None,
+        ge=56,
+        multiple_of=4,
+        description=(
+            "Longer side, in px, of the image inside the square refiner input (the rest is zero "
+            "padding); at most the input side (256 litemedsam, 1024 sam_vit_b). None: the whole "
+            "side. Smaller, the encoder crop encodes less (faster), so train the decoder at it: "
+            "training, evaluation and serving all place the image this way."
+        ),
+    )
     selection_tau: float = Field(0.1, gt=0, description="Soft multimask selection: softmax(IoU/τ).")
     gated_residual: bool = Field(False, description="refined = coarse + gate·(refiner − coarse).")
     gate_init_bias: float = Field(
@@ -168,6 +179,16 @@ class RefinerConfig(_Strict):
         description="Inference: refine even when the coarse mask finds no lesion (off: the refiner "
         "refines, it does not detect, so an empty coarse mask is returned as is).",
     )
+
+    @model_validator(mode="after")
+    def _image_fits_input(self) -> RefinerConfig:
+        if self.image_side is not None:
+            from training.data.transforms import REFINER_INPUT_SIZE
+
+            side = REFINER_INPUT_SIZE[self.backbone]
+            if self.image_side > side:
+                raise ValueError(f"image_side must be at most the {self.backbone} input side ({side})")
+        return self
 
 
 class DataConfig(_Strict):

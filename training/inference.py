@@ -36,7 +36,6 @@ from training.data.transforms import (
     coarse_input,
     full_scale,
     is_blank,
-    refiner_input,
     to_gray,
 )
 from training.evaluate import coarse_finds_lesion, refines_coarse
@@ -204,7 +203,7 @@ class Predictor:
     # ------------------------------------------------------------------ inference
     def embed(self, image: np.ndarray) -> torch.Tensor:
         """Native image → ``1×256×E×E`` image embedding on the predictor's device (cacheable)."""
-        refiner_image, _ = refiner_input(image, self.backbone)
+        refiner_image, _ = self.refiner.prepare(image)
         with torch.inference_mode():
             return self.refiner.encode(refiner_image.to(self.device)[None])
 
@@ -241,7 +240,7 @@ class Predictor:
             return Prediction(coarse_probs=empty, refined_probs=empty.copy(), iou=0.0, timings_ms=timings)
         with torch.inference_mode():
             coarse_image = coarse_input(image, self.coarse_size).to(self.device)[None]  # 1×1×S×S
-            refiner_image, geometry = refiner_input(image, self.backbone)
+            refiner_image, geometry = self.refiner.prepare(image)
             refiner_image = refiner_image.to(self.device)[None]  # 1×3×L×L
             override = self._clinician_prompts(geometry, points, point_labels, box)
             mark = self._lap(timings, "preprocess", started)

@@ -13,9 +13,10 @@
     summary.json          what run_training returns
 
 **Final model.** Coarse: the phase-3 best weights if phase 3 ran, else the phase-1 fold with the
-best validation Dice (``coarse/final.pt``). Refiner: phase-3 best, else phase-2b best, else the
-pretrained backbone. A phase-3 checkpoint older than the phase-1/2 results it started from is
-ignored (stale).
+best validation Dice (``coarse/final.pt``), else — a run that fine-tunes only the refiner from a
+bundle (``init_from``) — that bundle's coarse model. Refiner: phase-3 best, else phase-2b best, else
+the pretrained backbone (or the ``init_from`` bundle's). A phase-3 checkpoint older than the
+phase-1/2 results it started from is ignored (stale).
 """
 
 from __future__ import annotations
@@ -180,11 +181,16 @@ def _run(cfg: TrainingConfig, callback: TrainingCallback, resume: bool, output_d
 
         test_report, bundle_path, init_report = None, None, None
         starting = init_bundle(cfg)
-        if starting is not None:  # before/after: the model the run started from, same test split
-            init_report = evaluate_test_split(ctx, starting, stage="baseline")
         bundle = assemble_bundle(output_dir, cfg)
+        if bundle is not None and starting is not None:
+            # before/after: the model the run started from, on the same test split
+            init_report = evaluate_test_split(ctx, starting, stage="baseline")
         if bundle is None:
-            ctx.warn("no coarse model in this run yet: no test evaluation and no bundle", EVALUATION)
+            ctx.warn(
+                "no coarse model in this run yet (no phase 1, no --init-from): no test evaluation "
+                "and no bundle",
+                EVALUATION,
+            )
         else:
             blend_report = None
             if starting is not None:  # as far from the start as the starting model's validation allows
@@ -342,7 +348,9 @@ def final_model_sources(run_dir: Path) -> dict:
 
 
 def assemble_bundle(run_dir: Path, cfg: TrainingConfig | None = None) -> dict | None:
-    """The bundle dict of a run's final models (``None`` without a trained coarse model)."""
+    """The bundle dict of a run's final models (``None`` without a coarse model). A run that
+    fine-tunes only the refiner from a bundle (``init_from``) keeps that bundle's coarse model; a
+    run that trained neither (phase 2a alone) has nothing to export."""
     run_dir = Path(run_dir)
     if cfg is None:
         config_path = run_dir / "config.json"
@@ -350,10 +358,15 @@ def assemble_bundle(run_dir: Path, cfg: TrainingConfig | None = None) -> dict | 
             raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json)")
         cfg = TrainingConfig.from_stored(read_json(config_path))
     sources = final_model_sources(run_dir)
-    if sources["coarse"] is None:
-        return None
-    coarse_checkpoint = load_checkpoint(sources["coarse"])
-    coarse_state = coarse_checkpoint.get("coarse", coarse_checkpoint.get("model"))
+    if sources["coarse"] is not None:
+        coarse_checkpoint = load_checkpoint(sources["coarse"])
+        coarse_state = coarse_checkpoint.get("coarse", coarse_checkpoint.get("model"))
+    else:
+        from training.checkpoints import initial_coarse_state
+
+        coarse_state = initial_coarse_state(cfg) if sources["refiner"] is not None else None
+        if coarse_state is None:
+            return None
     if sources["refiner"] is not None:
         refiner_state = load_checkpoint(sources["refiner"])["refiner"]
     else:

@@ -65,6 +65,21 @@ def test_crop_shape_keeps_the_longer_side_and_rounds_the_shorter_up():
     assert crop_shape((100, 120), SIZE, 56) == (112, 256)
 
 
+def test_a_smaller_image_side_crops_both_sides_and_never_cuts_the_image():
+    # An image resized to a longer side of 168 (``refiner.image_side``): the longer side is 168.
+    assert crop_shape((168, 100), SIZE, 56, long_side=168) == (168, 112)
+    assert crop_shape((100, 168), SIZE, 56, long_side=168) == (112, 168)
+    assert crop_shape((168, 168), SIZE, 56, long_side=168) == (168, 168)
+    # Black far rows do not shrink the longer side: it is the image's, not the used extent's.
+    assert crop_shape((90, 60), SIZE, 56, long_side=168) == (168, 112)
+    assert crop_shape((90, 60), SIZE, 56) == (256, 112)
+    # A side not a multiple of 56 is rounded up; an extent past it (not a Geometry's) still fits.
+    assert crop_shape((150, 120), SIZE, 56, long_side=150) == (168, 168)
+    for used in [(200, 150), (150, 240), (256, 30)]:
+        hc, wc = crop_shape(used, SIZE, 56, long_side=168)
+        assert hc >= used[0] and wc >= used[1] and max(hc, wc) <= SIZE
+
+
 def test_used_extent_is_up_to_the_last_row_and_column_that_is_not_zero():
     assert used_extent(padded(215, 256)) == (215, 256)
     assert used_extent(padded(256, 180)) == (256, 180)
@@ -154,6 +169,42 @@ def test_the_refiner_encodes_with_its_crop_and_names_it_for_caches(tinyvit):
     assert torch_encoder_crop(refiner, 0) is None
     other = Refiner(torch.nn.Conv2d(3, 256, 4, 4), refiner.prompt_encoder, refiner.mask_decoder, SIZE, "tiny")
     assert not can_crop(other) and torch_encoder_crop(other, 56) is None
+
+
+def test_a_refiner_with_a_smaller_image_side_prepares_encodes_and_names_it(tinyvit):
+    import numpy as np
+
+    refiner = litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False, image_side=168))
+    assert refiner.image_side == 168 and refiner.embedding_kind == "litemedsam-side168"
+    image = np.random.default_rng(0).integers(1, 255, (300, 200), dtype=np.uint8)
+    tensor, geometry = refiner.prepare(image)
+    assert geometry.resized_hw == (168, 112) and tensor.shape == (3, SIZE, SIZE)
+    assert used_extent(tensor[None]) == (168, 112)
+
+    shapes = []
+
+    def at_shape(hc, wc):
+        shapes.append((hc, wc))
+        return TinyViTAtShape(tinyvit, hc, wc).eval()
+
+    refiner.encoder_crop = torch_encoder_crop(refiner, 56)
+    assert refiner.encoder_crop.long_side == 168
+    assert refiner.embedding_kind == "litemedsam-side168-crop56"
+    refiner.encoder_crop = EncoderCrop(tinyvit, at_shape, SIZE, 56, refiner.image_side)
+    with torch.inference_mode():
+        got = refiner.encode(tensor[None])
+        zero = tinyvit(torch.zeros(1, 3, SIZE, SIZE))
+        part = TinyViTAtShape(tinyvit, 168, 112)(tensor[None, :, :168, :112])
+    assert shapes == [(168, 112)]  # both sides cropped: 168×112 of the 256² input
+    assert torch.allclose(got[..., :42, :28], part, atol=1e-5)
+    assert torch.allclose(got[..., 42:, :], zero[..., 42:, :], atol=1e-5)
+    assert torch.allclose(got[..., :, 28:], zero[..., :, 28:], atol=1e-5)
+    # Pickled (a served predictor's copy), the crop keeps its rule.
+    assert pickle.loads(pickle.dumps(torch_encoder_crop(refiner, 56))).long_side == 168
+
+    # The whole side is the default rule, named as before.
+    whole = litemedsam_shaped_refiner(tinyvit, RefinerConfig(pretrained=False, image_side=256))
+    assert whole.image_side is None and whole.embedding_kind == "litemedsam"
 
 
 def test_config_default_and_bounds():

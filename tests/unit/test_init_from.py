@@ -79,3 +79,24 @@ def test_a_fine_tuned_refiner_that_validates_no_better_keeps_the_starting_weight
     start, tuned = load_bundle(start_bundle), load_bundle(summary["bundle_path"])
     for name, tensor in start["refiner_state_dict"].items():
         assert torch.equal(tuned["refiner_state_dict"][name], tensor), name
+
+
+def test_fine_tuning_only_the_refiner_ships_a_bundle_with_the_starting_coarse_model(
+    tmp_path, tiny_training_config, start_bundle, fast_refiner_encoder
+):
+    cfg = tiny_training_config(
+        phases=["augment", "refiner"], init_from=start_bundle, refiner_train={"epochs": 1, "lr": 1e-3}
+    )
+    summary = run_training(cfg)
+    assert summary["bundle_path"] is not None and summary["test"]["n_images"] > 0
+    start, tuned = load_bundle(start_bundle), load_bundle(summary["bundle_path"])
+    assert tuned["model_version"] != start["model_version"]
+    assert set(tuned["coarse_state_dict"]) == set(start["coarse_state_dict"])
+    for name, tensor in start["coarse_state_dict"].items():
+        assert torch.equal(tuned["coarse_state_dict"][name], tensor), name
+    assert tuned["metrics"]["init_from"]["model_version"] == start["model_version"]
+
+
+def test_a_refiner_only_run_from_scratch_still_has_no_bundle(tiny_training_config, fast_refiner_encoder):
+    summary = run_training(tiny_training_config(phases=["augment", "refiner"]))
+    assert summary["bundle_path"] is None and summary["test"] is None

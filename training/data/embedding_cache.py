@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: ``B×3×L×L`` refiner inputs → ``B×C×E×E`` embeddings (e.g. ``Refiner.encode``).
 EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+#: Native image → the ``3×L×L`` input that an :data:`EncodeFn` encodes.
+Prepare = Callable[[np.ndarray], torch.Tensor]
 CACHE_FORMAT = "ultrarefiner-embedding"
 _BACKBONE_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-.")
 
@@ -171,16 +173,29 @@ class EmbeddingCache:
     # -- compute ----------------------------------------------------------------------------
 
     @staticmethod
-    def _resolve(backbone_or_refiner, encode_fn: EncodeFn | None) -> tuple[str, str, EncodeFn]:
-        """``(backbone, kind, encode)``: ``kind`` names what ``encode`` computes in cache keys (a
-        refiner's :attr:`~training.modeling.refiner.Refiner.embedding_kind`, else the backbone)."""
+    def _resolve(backbone_or_refiner, encode_fn: EncodeFn | None) -> tuple[str, str, EncodeFn, Prepare]:
+        """``(backbone, kind, encode, prepare)``: ``kind`` names what ``encode`` computes of
+        ``prepare``'s input in cache keys (a refiner's
+        :attr:`~training.modeling.refiner.Refiner.embedding_kind` and ``prepare``, else the backbone
+        and :func:`refiner_input` of it)."""
         if isinstance(backbone_or_refiner, str):
             if encode_fn is None:
                 raise ValueError("encode_fn is required when a backbone name is given")
-            return backbone_or_refiner, backbone_or_refiner, encode_fn
-        refiner = backbone_or_refiner  # a Refiner: `.backbone` and `.encode`
+            name = backbone_or_refiner
+
+            def by_name(image: np.ndarray) -> torch.Tensor:
+                return refiner_input(image, name)[0]
+
+            return name, name, encode_fn, by_name
+        refiner = backbone_or_refiner  # a Refiner: `.backbone`, `.encode` (and `.prepare`)
+
+        def prepare(image: np.ndarray) -> torch.Tensor:
+            if hasattr(refiner, "prepare"):
+                return refiner.prepare(image)[0]
+            return refiner_input(image, refiner.backbone)[0]
+
         kind = getattr(refiner, "embedding_kind", refiner.backbone)
-        return refiner.backbone, kind, encode_fn or refiner.encode
+        return refiner.backbone, kind, encode_fn or refiner.encode, prepare
 
     def get_or_compute(self, image: np.ndarray, backbone, encode_fn: EncodeFn | None = None) -> torch.Tensor:
         """Cached embedding of a native image, computing and storing it on a miss.
@@ -188,12 +203,12 @@ class EmbeddingCache:
         ``backbone`` is a backbone name (with ``encode_fn``) or a refiner object with
         ``.backbone`` and ``.encode``. Returns ``C×E×E`` float32 on the CPU.
         """
-        name, kind, encode = self._resolve(backbone, encode_fn)
+        _, kind, encode, prepare = self._resolve(backbone, encode_fn)
         key = self.key(image, kind)
         cached = self.get(key)
         if cached is not None:
             return cached
-        embedding = _encode_batch(encode, [refiner_input(image, name)[0]])[0]
+        embedding = _encode_batch(encode, [prepare(image)])[0]
         self.put(key, embedding)
         # Return exactly what later hits will return (float16 rounding included).
         return embedding.half().float() if self.half else embedding
@@ -214,7 +229,7 @@ class EmbeddingCache:
         """
         from training.data.datasets import load_image
 
-        name, kind, encode = self._resolve(backbone, encode_fn)
+        name, kind, encode, prepare = self._resolve(backbone, encode_fn)
         if name not in REFINER_INPUT_SIZE:
             raise ValueError(f"unknown refiner backbone {name!r}; known: {sorted(REFINER_INPUT_SIZE)}")
         items = list(images)
@@ -232,7 +247,7 @@ class EmbeddingCache:
         for start in range(0, total, max(1, batch_size)):
             chunk = missing[start : start + max(1, batch_size)]
             arrays = [load_image(items[i]) if isinstance(items[i], Path | str) else items[i] for i in chunk]
-            embeddings = _encode_batch(encode, [refiner_input(array, name)[0] for array in arrays])
+            embeddings = _encode_batch(encode, [prepare(array) for array in arrays])
             for index, embedding in zip(chunk, embeddings, strict=True):
                 self.put(keys[index], embedding)
             if progress is not None:

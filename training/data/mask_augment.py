@@ -98,12 +98,15 @@ def soft_mask(hard_mask: np.ndarray, temperature: float) -> np.ndarray:
     return np.clip(soft, tiny, 1.0 - tiny).astype(np.float32)
 
 
-def to_mask_space(mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Native ``H×W`` mask → (``size×size`` bool mask in refiner space, bool valid region)."""
+def to_mask_space(
+    mask: np.ndarray, size: int, image_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Native ``H×W`` mask → (``size×size`` bool mask in refiner space, bool valid region);
+    ``image_side``: the refiner's (:class:`Geometry`)."""
     mask = np.asarray(mask)
     if mask.shape == (size, size):
         return mask > 0, np.ones((size, size), dtype=bool)
-    geometry = Geometry(height=mask.shape[0], width=mask.shape[1], size=size)
+    geometry = Geometry(height=mask.shape[0], width=mask.shape[1], size=size, image_side=image_side)
     resized = geometry.to_refiner(mask_to_tensor(mask))[0, 0].numpy() >= 0.5
     return resized, geometry.valid_mask()[0, 0].numpy() > 0
 
@@ -433,17 +436,18 @@ def augment_mask(
     rng: np.random.Generator,
     cfg: AugmentConfig | None = None,
     valid: np.ndarray | None = None,
+    image_side: int | None = None,
 ) -> list[AugmentedMask]:
     """``n`` soft corrupted masks of one ground truth, at ``cfg.mask_size`` in refiner space.
 
     ``mask`` is the native ``H×W`` ground truth (mapped to refiner space with
-    :class:`Geometry`, which also gives the valid region) or already a ``mask_size`` square
-    (then ``valid`` may be given). Kinds follow :func:`choose_kinds`; each soft mask uses a
-    temperature drawn uniformly from ``[temperature_min, temperature_max]``. Deterministic for a
-    given ``rng`` state.
+    :class:`Geometry` with the refiner's ``image_side``, which also gives the valid region) or
+    already a ``mask_size`` square (then ``valid`` may be given). Kinds follow
+    :func:`choose_kinds`; each soft mask uses a temperature drawn uniformly from
+    ``[temperature_min, temperature_max]``. Deterministic for a given ``rng`` state.
     """
     cfg = cfg or AugmentConfig()
-    square, region = to_mask_space(mask, cfg.mask_size)
+    square, region = to_mask_space(mask, cfg.mask_size, image_side)
     if valid is not None:
         region = np.asarray(valid, dtype=bool)
     results = []

@@ -5,8 +5,9 @@ leaves as:
 
 * the coarse-segmenter input: ``1×S×S`` float32 in [0, 1], the whole image resized to ``S×S``
   (``S`` = ``TransUNetConfig.img_size``), see :func:`coarse_input`;
-* the refiner input: ``3×L×L`` float32, longest side resized to ``L`` and padded at the bottom
-  and right, with the backbone's own intensity normalisation, see :func:`refiner_input`.
+* the refiner input: ``3×L×L`` float32, longest side resized to ``L`` (or to the config's
+  ``refiner.image_side``, smaller) and padded at the bottom and right with zeros, with the
+  backbone's own intensity normalisation, see :func:`refiner_input`.
 
 The :class:`Geometry` of the refiner input maps masks between the native image, the coarse
 ``S×S`` space and the refiner ``L×L`` space, differentiably (``F.interpolate`` + ``F.pad``).
@@ -79,15 +80,26 @@ def min_max(gray: np.ndarray | torch.Tensor):
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where a native ``height×width`` image sits inside a square refiner input of side ``size``."""
+    """Where a native ``height×width`` image sits inside a square refiner input of side ``size``:
+    resized so that its longer side is ``image_side`` (``None``: ``size``), at the top left."""
 
     height: int
     width: int
     size: int
+    image_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_side is not None and not 1 <= self.image_side <= self.size:
+            raise ValueError(f"image_side must be in [1, {self.size}], got {self.image_side}")
+
+    @property
+    def long_side(self) -> int:
+        """The resized image's longer side in refiner space."""
+        return self.size if self.image_side is None else self.image_side
 
     @property
     def resized_hw(self) -> tuple[int, int]:
-        scale = self.size / max(self.height, self.width)
+        scale = self.long_side / max(self.height, self.width)
         return max(1, round(self.height * scale)), max(1, round(self.width * scale))
 
     def to_dict(self) -> dict:
@@ -124,12 +136,17 @@ def coarse_input(image: np.ndarray, size: int = 224) -> torch.Tensor:
     return resized[0].clamp_(0, 1)
 
 
-def refiner_input(image: np.ndarray, backbone: str) -> tuple[torch.Tensor, Geometry]:
-    """Native image → (``3×L×L`` float32 refiner input, its :class:`Geometry`)."""
+def refiner_input(
+    image: np.ndarray, backbone: str, image_side: int | None = None
+) -> tuple[torch.Tensor, Geometry]:
+    """Native image → (``3×L×L`` float32 refiner input, its :class:`Geometry`); ``image_side``:
+    the config's ``refiner.image_side`` (the resized image's longer side; ``None``: ``L``)."""
     if backbone not in REFINER_INPUT_SIZE:
         raise ValueError(f"unknown refiner backbone {backbone!r}; known: {sorted(REFINER_INPUT_SIZE)}")
     gray = to_gray(image)
-    geometry = Geometry(height=gray.shape[0], width=gray.shape[1], size=REFINER_INPUT_SIZE[backbone])
+    geometry = Geometry(
+        height=gray.shape[0], width=gray.shape[1], size=REFINER_INPUT_SIZE[backbone], image_side=image_side
+    )
     rh, rw = geometry.resized_hw
     tensor = torch.from_numpy(gray.copy())[None, None]
     resized = F.interpolate(tensor, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)

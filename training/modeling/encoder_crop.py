@@ -32,13 +32,23 @@ from torch import nn
 CROPPABLE_BACKBONES = ("litemedsam",)
 
 
-def crop_shape(used_hw: tuple[int, int], size: int, multiple: int) -> tuple[int, int]:
-    """The crop that holds an ``h×w`` used region of an ``size²`` input: the longer side stays
-    ``size``, the shorter is rounded up to a multiple of ``multiple`` (at most ``size``)."""
+def crop_shape(
+    used_hw: tuple[int, int], size: int, multiple: int, long_side: int | None = None
+) -> tuple[int, int]:
+    """The crop that holds an ``h×w`` used region of an ``size²`` input whose image was resized to
+    a longer side of ``long_side`` (``None``: ``size``, :class:`~training.data.transforms.Geometry`):
+    the longer side is ``long_side``, the shorter the used extent; each is rounded up to a multiple
+    of ``multiple`` and capped at ``size``. The longer side does not follow the used extent, so an
+    image whose far rows (or columns) are black is encoded like any other of its shape."""
+
+    def rounded(side: int) -> int:
+        return min(size, max(multiple, math.ceil(side / multiple) * multiple))
+
     h, w = used_hw
+    long = rounded(max(h, w, size if long_side is None else long_side))
     if h >= w:
-        return size, min(size, max(multiple, math.ceil(w / multiple) * multiple))
-    return min(size, max(multiple, math.ceil(h / multiple) * multiple)), size
+        return long, min(long, rounded(w))
+    return min(long, rounded(h)), long
 
 
 def used_extent(images: torch.Tensor) -> tuple[int, int]:
@@ -106,11 +116,12 @@ class EncoderCrop:
         at_shape: Callable[[int, int], Callable[[torch.Tensor], torch.Tensor] | None] | None,
         size: int,
         multiple: int,
+        long_side: int | None = None,
     ) -> None:
         if multiple <= 0 or multiple % 4:
             raise ValueError(f"the crop multiple must be a positive multiple of 4, got {multiple}")
         self.full, self.at_shape = full, at_shape
-        self.size, self.multiple = size, multiple
+        self.size, self.multiple, self.long_side = size, multiple, long_side
         self._reset()
 
     def _reset(self) -> None:
@@ -125,7 +136,13 @@ class EncoderCrop:
     # A copy (``copy.deepcopy`` of a refiner, pickling) keeps the rule and the encoders it was
     # given, deep-copied with the rest, and builds its per-shape encoders and zero embedding anew.
     def __getstate__(self) -> dict:
-        return {"full": self.full, "at_shape": self.at_shape, "size": self.size, "multiple": self.multiple}
+        return {
+            "full": self.full,
+            "at_shape": self.at_shape,
+            "size": self.size,
+            "multiple": self.multiple,
+            "long_side": self.long_side,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -176,7 +193,7 @@ class EncoderCrop:
         h, w = used_extent(images)
         if h == 0:  # all padding: exactly the zero input's embedding
             return self.zero_embedding(images).clone()
-        hc, wc = crop_shape((h, w), self.size, self.multiple)
+        hc, wc = crop_shape((h, w), self.size, self.multiple, self.long_side)
         if (hc, wc) == (self.size, self.size):
             return self.full(images)
         encoder = self.encoder_for(hc, wc)
@@ -201,4 +218,4 @@ def torch_encoder_crop(refiner, multiple: int) -> EncoderCrop | None:
     the encoder cannot run on a smaller input (:func:`can_crop`)."""
     if not multiple or not can_crop(refiner):
         return None
-    return EncoderCrop(refiner.image_encoder, None, int(refiner.input_size), multiple)
+    return EncoderCrop(refiner.image_encoder, None, int(refiner.input_size), multiple, refiner.image_side)

@@ -20,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from training.config import RefinerConfig
-from training.data.transforms import REFINER_INPUT_SIZE
+from training.data.transforms import REFINER_INPUT_SIZE, Geometry, refiner_input
 from training.modeling.prompts import Prompts, box_from_mask, mask_prompt, prompts_from_mask, valid_or_ones
 
 
@@ -155,11 +156,24 @@ class Refiner(nn.Module):
         return self.image_encoder(images)
 
     @property
+    def image_side(self) -> int | None:
+        """The longer side of the image inside the input (``cfg.image_side``; ``None``: the whole side)."""
+        side = self.cfg.image_side
+        return None if side is None or side >= self.input_size else side
+
+    def prepare(self, image: np.ndarray) -> tuple[torch.Tensor, Geometry]:
+        """Native image → (``3×L×L`` input, its :class:`Geometry`): :func:`refiner_input` with this
+        refiner's backbone and image side."""
+        return refiner_input(image, self.backbone, self.image_side)
+
+    @property
     def embedding_kind(self) -> str:
-        """What :meth:`encode` computes, for embedding cache keys: the backbone, plus the crop rule."""
+        """What :meth:`encode` computes of a :meth:`prepare`d image, for embedding cache keys: the
+        backbone, plus the image side when it is not the whole input, plus the crop rule."""
+        kind = self.backbone if self.image_side is None else f"{self.backbone}-side{self.image_side}"
         if self.encoder_crop is None:
-            return self.backbone
-        return f"{self.backbone}-{self.encoder_crop.name}"
+            return kind
+        return f"{kind}-{self.encoder_crop.name}"
 
     def decode(
         self, image_embeddings: torch.Tensor, prompts: Prompts, multimask_output: bool = True

@@ -302,6 +302,7 @@ class SampleStore:
         self.samples = {sample.id: sample for sample in samples}
         self.coarse_size = coarse_input_size(cfg)
         self.refiner_size = REFINER_INPUT_SIZE[cfg.refiner.backbone]
+        self.image_side = cfg.refiner.image_side
         self._loaded: dict[str, LoadedSample] = {}
 
     def __contains__(self, sample_id: str) -> bool:
@@ -317,7 +318,9 @@ class SampleStore:
             mask = load_mask(sample)
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"mask of {sample.id} is {mask.shape}, its image {image.shape[:2]}")
-            geometry = Geometry(height=mask.shape[0], width=mask.shape[1], size=self.refiner_size)
+            geometry = Geometry(
+                height=mask.shape[0], width=mask.shape[1], size=self.refiner_size, image_side=self.image_side
+            )
             refiner_target = geometry.to_refiner(mask_to_tensor(mask))[0] >= 0.5
             self._loaded[sample_id] = LoadedSample(
                 sample=sample,

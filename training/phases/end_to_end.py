@@ -135,7 +135,7 @@ def joint_inputs(items: list[LoadedSample], bank: EmbeddingBank, ctx: RunContext
     coarse_targets = torch.stack([item.coarse_target for item in items]).long().to(ctx.device)
     embeddings = bank.batch([item.id for item in items], ctx.device)
     geometries = [item.geometry for item in items]
-    images = refiner_images(items, ctx.cfg.refiner.backbone, ctx.device) if ctx.cfg.refiner.roi_mode else None
+    images = refiner_images(items, bank.refiner, ctx.device) if ctx.cfg.refiner.roi_mode else None
     return coarse_images, coarse_targets, embeddings, geometries, images
 
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoints import initial_refiner, load_checkpoint, save_checkpoint
-from training.data.transforms import refiner_input
 from training.evaluate import coarse_finds_lesion, image_record, refines_coarse, served_refined, summarize
 from training.modeling.losses import quality_aware_loss
 from training.modeling.refiner import Refiner
@@ -63,6 +62,7 @@ def run_augment_phase(ctx: RunContext) -> dict:
     from training.data.mask_augment import augment_mask
 
     cfg = ctx.cfg.augment
+    image_side = ctx.cfg.refiner.image_side
     phase_dir = ctx.phase_dir(AUGMENT_DIR)
     masks_dir = phase_dir / "masks"
     masks_dir.mkdir(parents=True, exist_ok=True)
@@ -76,17 +76,18 @@ def run_augment_phase(ctx: RunContext) -> dict:
         index[sample_id] = path.name
         if ctx.resume and path.is_file():
             stored = np.load(path)
-            if str(stored["id"]) == sample_id:
+            if str(stored["id"]) == sample_id and _stored_side(stored) == image_side:
                 for kind, value in zip(stored["kinds"], stored["dice"], strict=True):
                     per_kind.setdefault(str(kind), []).append(float(value))
                 continue
         item = ctx.store.get(sample_id)
         rng = np.random.default_rng([ctx.cfg.data.seed, 2, position])
-        augmented = augment_mask(item.mask, cfg.per_mask, rng, cfg)
+        augmented = augment_mask(item.mask, cfg.per_mask, rng, cfg, image_side=image_side)
         soft = np.stack([np.round(entry.soft * 255.0).astype(np.uint8) for entry in augmented])
         kinds = np.array([entry.kind for entry in augmented])
         dices = np.array([entry.dice for entry in augmented], dtype=np.float32)
-        _save_npz(path, id=np.array(sample_id), soft=soft, kinds=kinds, dice=dices)
+        side = np.array(image_side or 0)
+        _save_npz(path, id=np.array(sample_id), soft=soft, kinds=kinds, dice=dices, image_side=side)
         for kind, value in zip(kinds, dices, strict=True):
             per_kind.setdefault(str(kind), []).append(float(value))
         ctx.progress.set(AUGMENT_PHASE, (position + 1) / len(ids))
@@ -98,6 +99,7 @@ def run_augment_phase(ctx: RunContext) -> dict:
         "n_images": len(ids),
         "n_masks": sum(len(v) for v in per_kind.values()),
         "mask_size": cfg.mask_size,
+        "image_side": image_side,
         "kinds": {
             kind: {"count": len(values), "mean_dice": float(np.mean(values))}
             for kind, values in sorted(per_kind.items())
@@ -117,12 +119,26 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp.replace(path)
 
 
+def _stored_side(stored) -> int | None:
+    """The refiner ``image_side`` a phase-2a file was made for (files from before the field: None)."""
+    side = int(stored["image_side"]) if "image_side" in stored.files else 0
+    return side or None
+
+
 def load_augmented_masks(ctx: RunContext) -> dict[str, torch.Tensor]:
-    """``id → K×M×M`` uint8 soft masks of phase 2a (empty dict if phase 2a has not run)."""
+    """``id → K×M×M`` uint8 soft masks of phase 2a (empty dict if phase 2a has not run). Masks made
+    for another ``refiner.image_side`` are an error: they sit elsewhere in refiner space."""
     phase_dir = ctx.output_dir / AUGMENT_DIR
     index_path = phase_dir / "index.json"
     if not index_path.is_file():
         return {}
+    summary_path = phase_dir / "summary.json"
+    made_for = read_json(summary_path).get("image_side") if summary_path.is_file() else None
+    if made_for != ctx.cfg.refiner.image_side:
+        raise ValueError(
+            f"phase 2a's masks in {phase_dir} were made for refiner.image_side {made_for}, this run's "
+            f"refiner places images at {ctx.cfg.refiner.image_side}: rerun the augment phase"
+        )
     masks = {}
     for sample_id, name in read_json(index_path).items():
         path = phase_dir / "masks" / name
@@ -156,7 +172,7 @@ class EmbeddingBank:
 
     def _key(self, item: LoadedSample) -> str:
         if item.id not in self.keys:
-            self.keys[item.id] = self.cache.key(item.image, self.refiner.backbone)
+            self.keys[item.id] = self.cache.key(item.image, self.refiner.embedding_kind)
         return self.keys[item.id]
 
     def precompute(self, sample_ids: list[str], phase: str, progress_key: str | None = None) -> dict:
@@ -187,7 +203,7 @@ class EmbeddingBank:
         return {"n_images": len(sample_ids), "computed": computed, "elapsed_s": time.monotonic() - started}
 
     def _encode(self, item: LoadedSample) -> torch.Tensor:
-        images, _ = refiner_input(item.image, self.refiner.backbone)
+        images, _ = self.refiner.prepare(item.image)
         return self.refiner.encode(images[None].to(self.ctx.device)).cpu()
 
     def get(self, sample_id: str) -> torch.Tensor:
@@ -213,9 +229,9 @@ def _batched(embedding: torch.Tensor) -> torch.Tensor:
     return embedding[None] if embedding.dim() == 3 else embedding
 
 
-def refiner_images(items: list[LoadedSample], backbone: str, device: torch.device) -> torch.Tensor:
-    """``B×3×L×L`` refiner inputs (only needed in ROI mode)."""
-    return torch.stack([refiner_input(item.image, backbone)[0] for item in items]).to(device)
+def refiner_images(items: list[LoadedSample], refiner: Refiner, device: torch.device) -> torch.Tensor:
+    """``B×3×L×L`` inputs of ``refiner`` (only needed in ROI mode)."""
+    return torch.stack([refiner.prepare(item.image)[0] for item in items]).to(device)
 
 
 # ============================================================================================
@@ -286,7 +302,7 @@ def validate_refiner(
         embeddings = bank.batch([item.id for item in chunk], ctx.device)
         coarse = torch.cat([coarse_maps[item.id] for item in chunk]).to(ctx.device)
         valid = torch.cat([item.geometry.valid_mask() for item in chunk]).to(ctx.device)
-        images = refiner_images(chunk, refiner.backbone, ctx.device) if refiner.cfg.roi_mode else None
+        images = refiner_images(chunk, refiner, ctx.device) if refiner.cfg.roi_mode else None
         output = refiner(embeddings, coarse, valid=valid, images=images)
         for index, item in enumerate(chunk):
             refined = torch.sigmoid(
@@ -495,7 +511,7 @@ class RefinerTraining(LoopPhase):
         target = torch.stack([item.refiner_target for item in chunk]).float().to(ctx.device)
         valid = torch.cat([item.geometry.valid_mask() for item in chunk]).to(ctx.device)
         embeddings = self.bank.batch([item.id for item in chunk], ctx.device)
-        images = refiner_images(chunk, self.refiner.backbone, ctx.device) if cfg.refiner.roi_mode else None
+        images = refiner_images(chunk, self.refiner, ctx.device) if cfg.refiner.roi_mode else None
         with torch.autocast(device_type=ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
             output = self.refiner(embeddings, coarse, valid=valid, images=images)
         losses = quality_aware_loss(

@@ -112,7 +112,7 @@ class GraphEngine(Engine):
             )
             return stand_in
 
-        return EncoderCrop(encoder, at_shape, int(refiner.input_size), multiple)
+        return EncoderCrop(encoder, at_shape, int(refiner.input_size), multiple, refiner.image_side)
 
     def prepare_refiner(self, refiner, cache_dir: Path):
         encoder, decoder = self.refiner_parts(refiner, cache_dir)
