@@ -189,10 +189,10 @@ class EmbeddingCache:
             return name, name, encode_fn, by_name
         refiner = backbone_or_refiner  # a Refiner: `.backbone`, `.encode` (and `.prepare`)
 
+        own = getattr(refiner, "prepare", None)
+
         def prepare(image: np.ndarray) -> torch.Tensor:
-            if hasattr(refiner, "prepare"):
-                return refiner.prepare(image)[0]
-            return refiner_input(image, refiner.backbone)[0]
+            return own(image)[0] if own is not None else refiner_input(image, refiner.backbone)[0]
 
         kind = getattr(refiner, "embedding_kind", refiner.backbone)
         return refiner.backbone, kind, encode_fn or refiner.encode, prepare
