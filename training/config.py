@@ -188,6 +188,10 @@ class RefinerConfig(_Strict):
             side = REFINER_INPUT_SIZE[self.backbone]
             if self.image_side > side:
                 raise ValueError(f"image_side must be at most the {self.backbone} input side ({side})")
+            if self.image_side == side:
+                # The whole side is the default geometry: one spelling of it in configs, phase-2a
+                # summaries and checkpoints.
+                self.image_side = None
         return self
 
 

@@ -53,6 +53,10 @@ def test_the_refiner_input_is_zero_outside_the_placed_image():
 def test_config_bounds_follow_the_backbone():
     assert RefinerConfig().image_side is None
     assert RefinerConfig(backbone="sam_vit_b", image_side=512).image_side == 512
+    # The whole input side is the default geometry, spelt one way (None) wherever it is recorded.
+    assert RefinerConfig(image_side=256).image_side is None
+    assert RefinerConfig(backbone="sam_vit_b", image_side=1024).image_side is None
+    assert RefinerConfig(backbone="sam_vit_b", image_side=256).image_side == 256
     for bad in (300, 50, 170):  # past the 256 input, below 56 px, not a multiple of 4
         with pytest.raises(ValidationError, match="image_side"):
             RefinerConfig(image_side=bad)

@@ -108,6 +108,10 @@ class EncoderCrop:
     inputs of that shape are then encoded whole. Without ``at_shape``, ``full`` is a torch TinyViT
     and each shape runs a :class:`TinyViTAtShape` of it. Not an ``nn.Module``: it holds encoders, it does
     not own weights, so a refiner's ``state_dict`` is the same with and without it.
+
+    ``long_side`` is the refiner's ``image_side`` (the longer image side inside the ``L×L`` input;
+    ``None`` for ``L``): with a smaller side both sides of the crop are rounded up to ``multiple``
+    (see :func:`crop_shape`), not only the shorter one.
     """
 
     def __init__(
