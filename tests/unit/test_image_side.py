@@ -114,3 +114,6 @@ def test_fine_tuning_keeps_an_explicit_image_side_and_else_takes_the_bundles(tmp
     at_168 = tmp_path / "at168.pt"
     save_bundle(at_168, build_untrained_bundle(tiny_training_config(refiner={"image_side": 168}), seed=3))
     assert adopt_init_architecture(tiny_training_config(init_from=at_168)).refiner.image_side == 168
+    # An explicit whole side (stored as None) is still the user's choice, not the bundle's 168.
+    whole = tiny_training_config(init_from=at_168, refiner={"image_side": 256})
+    assert adopt_init_architecture(whole).refiner.image_side is None
